@@ -1,0 +1,1 @@
+"""MergeForge HTTP edge. It validates and enqueues; it never imports torch."""

@@ -1,0 +1,1 @@
+"""MergeForge workers: the merge engine (a plain library) and, later, the Celery tasks that run it."""

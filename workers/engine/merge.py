@@ -1,0 +1,266 @@
+"""Runs one merge from a SPEC: validate everything from headers, stream the statistics passes the method needs,
+stream the merge into a temporary folder, and rename it into place only once it is complete."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workers.engine import __version__, lwptv
+from workers.engine.card import model_card
+from workers.engine.checkpoint import INDEX_FILE, PICKLE_SUFFIXES, TORCH_DTYPES, Checkpoint
+from workers.engine.errors import EngineError, ErrorCode
+from workers.engine.layout import Layout, plan_layout
+from workers.engine.selection import global_thresholds
+from workers.engine.spec import MergeSpec
+from workers.engine.tensors import TensorSource
+from workers.engine.writer import Planned, ShardedWriter, WrittenFile
+
+MANIFEST = "merge_manifest.json"
+LWPTV_FILE = "lwptv.json"
+CARD = "README.md"
+_NOT_COPIED = {INDEX_FILE, CARD, MANIFEST, LWPTV_FILE}
+_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Progress:
+    stage: str      # validate, lwptv, thresholds, merge, heads, finalize
+    fraction: float  # of the whole merge, 0..1
+    message: str
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    out_dir: Path
+    manifest: dict[str, Any]
+
+
+class _Tracker:
+    """Turns processed element counts into an overall fraction; the callback may raise to cancel."""
+
+    def __init__(self, callback: ProgressFn | None, total: int):
+        self.callback, self.total, self.done, self.stage = callback, max(total, 1), 0, "validate"
+
+    def enter(self, stage: str, message: str) -> None:
+        self.stage = stage
+        self._emit(message)
+
+    def tick(self, numel: int) -> None:
+        self.done += numel
+        self._emit("")
+
+    def _emit(self, message: str) -> None:
+        if self.callback:
+            self.callback(Progress(self.stage, min(self.done / self.total, 1.0), message))
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _input_digests(role: str, name: str, ckpt: Checkpoint) -> dict[str, Any]:
+    files = list(ckpt.files)
+    if ckpt.folder and (ckpt.folder / "config.json").exists():
+        files.append(ckpt.folder / "config.json")
+    return {"role": role, "name": name, "model": ckpt.ref,
+            "files": [{"path": p.name, "sha256": _sha256(p), "size": p.stat().st_size} for p in files]}
+
+
+def _base_dtype(base: Checkpoint) -> torch.dtype:
+    by_bytes: Counter[str] = Counter()
+    for info in base.tensors.values():
+        if info.is_float:
+            by_bytes[info.dtype] += info.nbytes
+    return TORCH_DTYPES[by_bytes.most_common(1)[0][0]] if by_bytes else torch.float32
+
+
+def _prepare_out(out_dir: Path) -> Path:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise EngineError(ErrorCode.INVALID_PARAMETERS, f"{out_dir}: output exists and is not an empty folder; "
+                          "choose a new path", {"path": str(out_dir)})
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def run_merge(spec: MergeSpec, out_dir: str | Path, progress: ProgressFn | None = None) -> MergeResult:
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    base = Checkpoint.open(spec.base_model)
+    models = [Checkpoint.open(m.model) for m in spec.models]
+    layout = plan_layout(spec, base, models)
+    timings["validate_s"] = time.perf_counter() - started
+    tmp = _prepare_out(out_dir)
+    hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+    digests = []
+    try:
+        digests += [hasher.submit(_input_digests, "base", "base", base)]
+        digests += [hasher.submit(_input_digests, "model", m.task_name(), c)
+                    for m, c in zip(spec.models, models, strict=True)]
+        manifest = _merge_into(spec, base, models, layout, tmp, progress, timings)
+        manifest["inputs"] = [d.result() for d in digests]
+        manifest["timings"] = {k: round(v, 3) for k, v in {**timings,
+                               "total_s": time.perf_counter() - started}.items()}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out_dir.exists():
+            out_dir.rmdir()
+        tmp.rename(out_dir)
+    except BaseException:
+        for d in digests:
+            d.cancel()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        hasher.shutdown(wait=True)
+        for ckpt in (base, *models):
+            ckpt.close()
+    return MergeResult(out_dir, manifest)
+
+
+def _merge_into(spec: MergeSpec, base: Checkpoint, models: list[Checkpoint], layout: Layout, tmp: Path,
+                progress: ProgressFn | None, timings: dict[str, float]) -> dict[str, Any]:
+    method = spec.method_cls()
+    task_names = [m.task_name() for m in spec.models]
+    weights = [m.weight for m in spec.models]
+    out_dtype = _DTYPE_NAMES[spec.dtype] if spec.dtype else _base_dtype(base)
+    params = {name: spec.params_for(name) for name in layout.shared}
+    fractions = sorted({f for p in params.values() if (f := method.global_fraction(p)) is not None})
+    sources = [TensorSource(name, base, models, [own[name] for own in layout.model_names],
+                            [False] * len(models), weights, spec.seed, check_finite=True)
+               for name in layout.shared]
+    shared_numel = sum(s.numel for s in sources)
+    passes = 1 + 2 * len(fractions) + (3 if spec.lwptv and spec.lwptv.score == "saliency" else 1 if spec.lwptv
+                                       else 0)
+    tracker = _Tracker(progress, shared_numel * passes)
+    tracker.enter("validate", f"{len(layout.shared)} shared tensors, {len(task_names)} task models")
+
+    def finished_pass() -> None:
+        for source in sources:
+            source.check_finite = False
+
+    lwptv_report = None
+    if spec.lwptv:
+        t = time.perf_counter()
+        tracker.enter("lwptv", f"scoring layers ({spec.lwptv.score})")
+        result = lwptv.compute(spec.lwptv, sources, task_names, tracker.tick)
+        for source in sources:
+            source.pruned = result.pruned[source.name]
+        lwptv_report = result.report
+        finished_pass()
+        timings["lwptv_s"] = time.perf_counter() - t
+
+    thresholds: dict[float, list[float]] = {}
+    if fractions:
+        t = time.perf_counter()
+        for fraction in fractions:
+            tracker.enter("thresholds", f"global top-{fraction:g} magnitude thresholds")
+            thresholds[fraction] = global_thresholds(sources, [fraction] * len(models), tracker.tick)
+            finished_pass()
+        timings["thresholds_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    tracker.enter("merge", f"merging with {spec.method}")
+    by_name = {s.name: s for s in sources}
+    order = sorted(base.tensors, key=lambda n: (str(base.file_of[n]), base.tensors[n].start))
+    planned = [Planned(n, out_dtype if base.tensors[n].is_float else TORCH_DTYPES[base.tensors[n].dtype],
+                       base.tensors[n].shape) for n in order]
+    writer = ShardedWriter(tmp, planned, spec.shard_bytes)
+    for name in order:
+        source = by_name.get(name)
+        if source is None or all(source.pruned):
+            _copy_base(base, name, writer, source)
+            if source is not None:
+                tracker.tick(source.numel)
+            continue
+        p = params[name]
+        fraction = method.global_fraction(p)
+        state = method.tensor_state(p, source, thresholds.get(fraction) if fraction is not None else None)
+        for chunk in source.chunks():
+            writer.write(name, method.merge(p, chunk, state))
+            tracker.tick(chunk.base.numel())
+    outputs = writer.close()
+    timings["merge_s"] = time.perf_counter() - t
+
+    tracker.enter("heads", "writing task-specific tensors")
+    heads = {task: names for task, names in zip(task_names, layout.heads, strict=True)}
+    for ckpt, task, names in zip(models, task_names, layout.heads, strict=True):
+        if names:
+            outputs += _write_heads(ckpt, task, names, tmp)
+
+    tracker.enter("finalize", "writing config, model card and manifest")
+    extra = _copy_side_files(base, tmp, out_dtype)
+    if lwptv_report is not None:
+        (tmp / LWPTV_FILE).write_text(json.dumps(lwptv_report, indent=2) + "\n")
+        extra.append(tmp / LWPTV_FILE)
+    dtype_name = str(out_dtype).removeprefix("torch.")
+    (tmp / CARD).write_text(model_card(spec, heads, lwptv_report, dtype_name))
+    extra.append(tmp / CARD)
+    outputs += [WrittenFile(str(p.relative_to(tmp)), _sha256(p), p.stat().st_size) for p in extra]
+    return {
+        "engine": {"name": "mergeforge", "version": __version__, "torch": torch.__version__},
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "spec": spec.model_dump(mode="json", by_alias=True),
+        "dtype": dtype_name,
+        "outputs": [{"path": f.path, "sha256": f.sha256, "size": f.size} for f in sorted(outputs, key=lambda f: f.path)],
+        "task_specific": {task: names for task, names in heads.items() if names},
+    }
+
+
+def _copy_base(base: Checkpoint, name: str, writer: ShardedWriter, source: TensorSource | None) -> None:
+    """Write a base tensor unchanged but for the output dtype, chunk by chunk."""
+    if source is None:
+        writer.write(name, base.read(name))
+        return
+    for rows in source.row_ranges:
+        writer.write(name, base.read(name, rows))
+
+
+def _write_heads(ckpt: Checkpoint, task: str, names: list[str], tmp: Path) -> list[WrittenFile]:
+    entries = [Planned(n, TORCH_DTYPES[ckpt.tensors[n].dtype], ckpt.tensors[n].shape) for n in names]
+    writer = ShardedWriter(tmp / "heads", entries, filename=f"{task}.safetensors")
+    for name in names:
+        writer.write(name, ckpt.read(name))
+    return [WrittenFile(f"heads/{f.path}", f.sha256, f.size) for f in writer.close()]
+
+
+def _copy_side_files(base: Checkpoint, tmp: Path, out_dtype: torch.dtype) -> list[Path]:
+    """Config, tokenizer and other non-weight files of the base folder; config's dtype set to the output's."""
+    copied: list[Path] = []
+    folder = base.folder
+    if folder is None:
+        return copied
+    for path in sorted(folder.iterdir()):
+        if (not path.is_file() or path.name in _NOT_COPIED or path.suffix == ".safetensors"
+                or path.suffix in PICKLE_SUFFIXES or path.name.startswith(".")):
+            continue
+        target = tmp / path.name
+        if path.name == "config.json":
+            config = json.loads(path.read_text())
+            dtype_name = str(out_dtype).removeprefix("torch.")
+            keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
+            for key in keys:
+                config[key] = dtype_name
+            target.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        else:
+            shutil.copyfile(path, target)
+        copied.append(target)
+    return copied
