@@ -67,7 +67,8 @@ DELTA_STD = 0.002
 BASE_SEED = 1234
 N_FINETUNES = 3
 POLL_S = 0.05
-GENERATOR_VERSION = 1
+ATOL = 1e-6
+GENERATOR_VERSION = 2
 TOOLS = ("mergekit", "mergeforge")
 
 
@@ -399,7 +400,8 @@ class Comparison:
             return "no common tensors"
         verdict = "equal within bf16 rounding" if self.equal_within_rounding else "DIFFERENT"
         text = (f"{verdict}: max abs diff {self.max_abs_diff:.3g}, {self.differing:,} of "
-                f"{self.elements:,} entries differ ({self.differing / self.elements:.4%}), {self.beyond_ulp:,} by more than 1 bf16 ulp")
+                f"{self.elements:,} entries differ ({self.differing / self.elements:.4%}), "
+                f"{self.beyond_ulp:,} by more than 1 bf16 ulp (and {ATOL:g})")
         if self.not_allclose:
             text += f"; {len(self.not_allclose)} tensors fail allclose(rtol=1/128)"
         if self.only_in_a or self.only_in_b:
@@ -436,11 +438,34 @@ def compare_models(a_dir: Path, b_dir: Path) -> Comparison:
             result.elements += diff.numel()
             result.max_abs_diff = max(result.max_abs_diff, float(diff.max()) if diff.numel() else 0.0)
             result.differing += int((diff > 0).sum())
-            result.beyond_ulp += int((diff > bf16_ulp(torch.maximum(a32.abs(), b32.abs()))).sum())
-            if not torch.allclose(a32, b32, rtol=1 / 128, atol=1e-6):
+            # One bf16 ulp of the larger value, but at least ATOL: near zero the exact result cancels and
+            # float32 summation order alone moves it by ~1e-10, many ulps of so small a number.
+            tolerance = torch.clamp(bf16_ulp(torch.maximum(a32.abs(), b32.abs())), min=ATOL)
+            result.beyond_ulp += int((diff > tolerance).sum())
+            if not torch.allclose(a32, b32, rtol=1 / 128, atol=ATOL):
                 result.not_allclose.append(name)
             del a, b, a32, b32, diff
     return result
+
+
+def tie_diagnostic(base: Path, finetune: Path, density: float) -> str:
+    """How many entries of one task vector reach its k-th largest magnitude, against k (TIES trim)."""
+    b_where, f_where = tensor_locations(base), tensor_locations(finetune)
+    name = next((n for n in b_where if n.endswith("mlp.up_proj.weight")), sorted(b_where)[0])
+    with (safe_open(str(b_where[name]), framework="pt") as fb,
+          safe_open(str(f_where[name]), framework="pt") as ff):
+        tau = (ff.get_tensor(name).float() - fb.get_tensor(name).float()).abs().flatten()
+    n = tau.numel()
+    k = max(1, int(density * n))
+    mags = tau.numpy().copy()
+    mags.partition(n - k)
+    threshold = float(mags[n - k])
+    at_least = int((tau >= threshold).sum())
+    return (f"TIES trim of {finetune.name} - base, {name}: k = {k:,} of {n:,}; {at_least:,} entries have "
+            f"|tau| >= the k-th largest ({threshold:.4g}), {at_least - k:+,} ({(at_least - k) / n:+.2%} of "
+            f"the tensor). mergekit keeps exactly k (equal magnitudes broken by sort order), MergeForge "
+            f"keeps every entry at the threshold. bf16 task vectors take few distinct values, so such ties "
+            f"are common.")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -504,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     inputs = [p for folder in [base, *finetunes] for p in model_files(folder)]
     input_bytes = sum(p.stat().st_size for p in inputs)
     output_bytes = n_params * 2
-    runs = workdir / "runs"
+    runs = base.parent / "runs"  # per model size, next to its inputs
     runs.mkdir(exist_ok=True)
 
     # Warm the page cache (untimed), then time the I/O floor.
@@ -572,6 +597,9 @@ def main(argv: list[str] | None = None) -> int:
             comparisons[mname] = "not compared (a tool failed)"
 
     print_report(args, n_params, input_bytes, floor_read, floor_rw, results, comparisons, tools, mk_repeats)
+    if "ties" in args.methods:
+        print()
+        print(tie_diagnostic(base, finetunes[0], METHODS["ties"].mergeforge_parameters["density"]))
     return 1 if failed else 0
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 
 from workers.engine import __version__, lwptv
+from workers.engine.allocator import tune_allocator
 from workers.engine.card import model_card
 from workers.engine.checkpoint import INDEX_FILE, PICKLE_SUFFIXES, TORCH_DTYPES, Checkpoint
 from workers.engine.errors import EngineError, ErrorCode
@@ -101,8 +104,34 @@ def _prepare_out(out_dir: Path) -> Path:
     return tmp
 
 
-def run_merge(spec: MergeSpec, out_dir: str | Path, progress: ProgressFn | None = None) -> MergeResult:
-    out_dir = Path(out_dir)
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+@contextmanager
+def _single_threaded_ops():
+    """The engine parallelises over chunks on its own threads; torch's intra-op pool on top of that only adds
+    barrier waits, which become catastrophic when other processes share the cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run_merge(spec: MergeSpec, out_dir: str | Path, progress: ProgressFn | None = None,
+              threads: int | None = None) -> MergeResult:
+    """Merge as `spec` says into `out_dir`, which must not exist yet (or be empty). `progress` is called often
+    with the stage and overall fraction; raising from it cancels the merge and leaves nothing behind."""
+    threads = threads or default_threads()
+    tune_allocator()
+    with ThreadPoolExecutor(threads, thread_name_prefix="merge") as executor, _single_threaded_ops():
+        return _run(spec, Path(out_dir), progress, executor, threads)
+
+
+def _run(spec: MergeSpec, out_dir: Path, progress: ProgressFn | None, executor: ThreadPoolExecutor,
+         threads: int) -> MergeResult:
     started = time.perf_counter()
     timings: dict[str, float] = {}
     base = Checkpoint.open(spec.base_model)
@@ -116,7 +145,7 @@ def run_merge(spec: MergeSpec, out_dir: str | Path, progress: ProgressFn | None 
         digests += [hasher.submit(_input_digests, "base", "base", base)]
         digests += [hasher.submit(_input_digests, "model", m.task_name(), c)
                     for m, c in zip(spec.models, models, strict=True)]
-        manifest = _merge_into(spec, base, models, layout, tmp, progress, timings)
+        manifest = _merge_into(spec, base, models, layout, tmp, progress, timings, executor, 2 * threads)
         manifest["inputs"] = [d.result() for d in digests]
         manifest["timings"] = {k: round(v, 3) for k, v in {**timings,
                                "total_s": time.perf_counter() - started}.items()}
@@ -137,7 +166,8 @@ def run_merge(spec: MergeSpec, out_dir: str | Path, progress: ProgressFn | None 
 
 
 def _merge_into(spec: MergeSpec, base: Checkpoint, models: list[Checkpoint], layout: Layout, tmp: Path,
-                progress: ProgressFn | None, timings: dict[str, float]) -> dict[str, Any]:
+                progress: ProgressFn | None, timings: dict[str, float], executor: ThreadPoolExecutor,
+                window: int) -> dict[str, Any]:
     method = spec.method_cls()
     task_names = [m.task_name() for m in spec.models]
     weights = [m.weight for m in spec.models]
@@ -145,7 +175,8 @@ def _merge_into(spec: MergeSpec, base: Checkpoint, models: list[Checkpoint], lay
     params = {name: spec.params_for(name) for name in layout.shared}
     fractions = sorted({f for p in params.values() if (f := method.global_fraction(p)) is not None})
     sources = [TensorSource(name, base, models, [own[name] for own in layout.model_names],
-                            [False] * len(models), weights, spec.seed, check_finite=True)
+                            [False] * len(models), weights, spec.seed, check_finite=True, executor=executor,
+                            window=window)
                for name in layout.shared]
     shared_numel = sum(s.numel for s in sources)
     passes = 1 + 2 * len(fractions) + (3 if spec.lwptv and spec.lwptv.score == "saliency" else 1 if spec.lwptv
@@ -194,9 +225,9 @@ def _merge_into(spec: MergeSpec, base: Checkpoint, models: list[Checkpoint], lay
         p = params[name]
         fraction = method.global_fraction(p)
         state = method.tensor_state(p, source, thresholds.get(fraction) if fraction is not None else None)
-        for chunk in source.chunks():
-            writer.write(name, method.merge(p, chunk, state))
-            tracker.tick(chunk.base.numel())
+        for merged in source.map_chunks(lambda chunk, p=p, state=state: method.merge(p, chunk, state)):
+            writer.write(name, merged)
+            tracker.tick(merged.numel())
     outputs = writer.close()
     timings["merge_s"] = time.perf_counter() - t
 
@@ -220,7 +251,8 @@ def _merge_into(spec: MergeSpec, base: Checkpoint, models: list[Checkpoint], lay
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "spec": spec.model_dump(mode="json", by_alias=True),
         "dtype": dtype_name,
-        "outputs": [{"path": f.path, "sha256": f.sha256, "size": f.size} for f in sorted(outputs, key=lambda f: f.path)],
+        "outputs": [{"path": f.path, "sha256": f.sha256, "size": f.size}
+                    for f in sorted(outputs, key=lambda f: f.path)],
         "task_specific": {task: names for task, names in heads.items() if names},
     }
 

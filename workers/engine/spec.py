@@ -41,7 +41,8 @@ class _Strict(BaseModel):
 
 class ModelRef(_Strict):
     model: str = Field(min_length=1, description="Checkpoint: a Hugging Face model folder or a .safetensors file.")
-    name: str | None = Field(default=None, description="Task name, used for heads/ and lwptv.json; default: from the path.")
+    name: str | None = Field(default=None,
+                             description="Task name, used for heads/ and lwptv.json; default: from the path.")
     weight: float = Field(default=1.0, ge=0.0, description="Per-model weight (linear, task arithmetic, TIES, DARE).")
 
     @field_validator("name")

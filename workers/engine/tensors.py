@@ -5,31 +5,58 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from workers.engine.checkpoint import Checkpoint
 from workers.engine.errors import EngineError, ErrorCode
 
-# Fixed, so that chunk-seeded randomness (DARE) gives the same bytes on every machine.
-CHUNK_ELEMENTS = 1 << 22
+# Fixed, so that chunk-seeded randomness (DARE) gives the same bytes on every machine. Small enough that a
+# chunk's working set stays near the CPU caches, large enough that per-op overhead is noise.
+CHUNK_ELEMENTS = 1 << 20
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def ordered_map(executor: Executor | None, fn: Callable[[T], R], items: Iterable[T], window: int) -> Iterator[R]:
+    """`map` on the executor, in order, with at most `window` results in flight: memory stays bounded."""
+    if executor is None:
+        yield from map(fn, items)
+        return
+    pending: deque[Future[R]] = deque()
+    try:
+        for item in items:
+            pending.append(executor.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
 
 
 @dataclass
 class Chunk:
-    """Rows of one tensor from the base and each task model, float32. A task pruned here (LwPTV) shows the base."""
+    """Rows of one tensor from the base and each task model, float32; `models` is stacked [task, *rows]. A task
+    pruned here (LwPTV) shows the base."""
 
     name: str
     index: int
     base: torch.Tensor
-    models: list[torch.Tensor]
+    models: torch.Tensor
     weights: list[float]
     seed: int
 
-    def task_vectors(self) -> list[torch.Tensor]:
-        return [m - self.base for m in self.models]
+    def task_vectors(self) -> torch.Tensor:
+        """tau_k = theta_k - theta_0, stacked [task, *rows]; a new tensor the caller may modify."""
+        return self.models - self.base
 
     def generator(self, task: int) -> torch.Generator:
         """A generator that depends only on (seed, tensor, chunk, task): independent of order and of threads."""
@@ -41,7 +68,8 @@ class TensorSource:
     """One shared tensor across the base and the task models."""
 
     def __init__(self, name: str, base: Checkpoint, models: list[Checkpoint], own_names: list[str],
-                 pruned: list[bool], weights: list[float], seed: int, check_finite: bool = False):
+                 pruned: list[bool], weights: list[float], seed: int, check_finite: bool = False,
+                 executor: Executor | None = None, window: int = 1):
         self.name = name
         self.shape = base.tensors[name].shape
         self.numel = math.prod(self.shape)
@@ -50,6 +78,7 @@ class TensorSource:
         self.weights = weights
         self._seed = seed
         self.check_finite = check_finite
+        self._executor, self._window = executor, window
         rows = self.shape[0] if self.shape else 0
         row_numel = self.numel // rows if rows else 0
         step = max(1, CHUNK_ELEMENTS // row_numel) if row_numel else max(rows, 1)
@@ -61,25 +90,37 @@ class TensorSource:
         return len(self._models)
 
     def _read(self, ckpt: Checkpoint, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
-        x = ckpt.read(name, rows).float()
-        if self.check_finite and not bool(torch.isfinite(x).all()):
-            bad = int((~torch.isfinite(x)).sum())
-            raise EngineError(ErrorCode.INVALID_CHECKPOINT,
-                              f"{ckpt.file_of[name]}: tensor {name!r} holds {bad} NaN or Inf value(s) in rows "
-                              f"{rows or 'all'}; a merge would spread them", {"tensor": name,
-                              "file": str(ckpt.file_of[name]), "non_finite": bad})
-        return x
+        raw = ckpt.read(name, rows)
+        if self.check_finite and raw.numel():
+            low, high = torch.aminmax(raw)  # NaN propagates; far cheaper than isfinite().all()
+            if not (torch.isfinite(low) and torch.isfinite(high)):
+                bad = int((~torch.isfinite(raw)).sum())
+                raise EngineError(ErrorCode.INVALID_CHECKPOINT,
+                                  f"{ckpt.file_of[name]}: tensor {name!r} holds {bad} NaN or Inf value(s) in rows "
+                                  f"{rows or 'all'}; a merge would spread them",
+                                  {"tensor": name, "file": str(ckpt.file_of[name]), "non_finite": bad})
+        return raw
 
     def chunk(self, index: int, tasks: list[int] | None = None) -> Chunk:
         rows = self.row_ranges[index]
-        base = self._read(self._base, self.name, rows)
-        wanted = range(self.n_tasks) if tasks is None else tasks
-        models = [base if self.pruned[k] else self._read(self._models[k], self._own[k], rows) for k in wanted]
+        base = self._read(self._base, self.name, rows).float()
+        wanted = list(range(self.n_tasks)) if tasks is None else tasks
+        models = torch.empty((len(wanted), *base.shape), dtype=torch.float32)
+        for i, k in enumerate(wanted):
+            models[i].copy_(base if self.pruned[k] else self._read(self._models[k], self._own[k], rows))
         return Chunk(self.name, index, base, models, [self.weights[k] for k in wanted], self._seed)
 
     def chunks(self) -> Iterator[Chunk]:
         for i in range(len(self.row_ranges)):
             yield self.chunk(i)
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+        """Run `fn` over items on the engine's threads, results in order (chunks, tasks)."""
+        return ordered_map(self._executor, fn, items, self._window)
+
+    def map_chunks(self, fn: Callable[[Chunk], R]) -> Iterator[R]:
+        """`fn(chunk)` for every chunk, read and computed on the engine's threads, results in order."""
+        return self.map(lambda i: fn(self.chunk(i)), range(len(self.row_ranges)))
 
     def task_vector(self, task: int) -> torch.Tensor:
         """The whole task vector of one task, float32, flattened: for statistics over a full tensor."""
@@ -87,7 +128,7 @@ class TensorSource:
         position = 0
         for i in range(len(self.row_ranges)):
             chunk = self.chunk(i, [task])
-            tau = (chunk.models[0] - chunk.base).reshape(-1)
+            tau = chunk.task_vectors().reshape(-1)
             out[position:position + tau.numel()] = tau
             position += tau.numel()
         return out

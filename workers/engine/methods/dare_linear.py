@@ -31,8 +31,12 @@ def dare(tau: torch.Tensor, drop_rate: float, rescale: bool, generator: torch.Ge
     return out / (1.0 - drop_rate) if rescale else out
 
 
-def dare_all(chunk: Chunk, drop_rate: float, rescale: bool) -> list[torch.Tensor]:
-    return [dare(tau, drop_rate, rescale, chunk.generator(k)) for k, tau in enumerate(chunk.task_vectors())]
+def dare_all(chunk: Chunk, drop_rate: float, rescale: bool) -> torch.Tensor:
+    """DARE applied to every task vector of the chunk, stacked [task, ...]."""
+    taus = chunk.task_vectors()
+    for k in range(taus.shape[0]):
+        taus[k] = dare(taus[k], drop_rate, rescale, chunk.generator(k))
+    return taus
 
 
 @register

@@ -40,4 +40,4 @@ class DareTies(MergeMethod):
     def merge(self, params: DareTiesParams, chunk: Chunk, state: None) -> torch.Tensor:
         deltas = dare_all(chunk, params.drop_rate, params.rescale)
         merged = elect_and_merge(deltas, chunk.weights, params.consensus, params.merge)
-        return chunk.base + params.lambda_ * merged
+        return merged.mul_(params.lambda_).add_(chunk.base)

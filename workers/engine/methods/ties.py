@@ -26,43 +26,40 @@ class TiesParams(MethodParams):
                                                "(mergekit) or over the whole task vector (TIES paper code).")
 
 
-def trim(tau: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Zero the entries of `tau` whose magnitude is below `threshold`."""
-    return tau * (tau.abs() >= threshold)
+def trim(taus: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
+    """Zero, in place, the entries of each task's tau ([task, ...]) whose magnitude is below its threshold."""
+    import torch
+
+    limits = torch.tensor(thresholds, dtype=taus.dtype).view(-1, *[1] * (taus.dim() - 1))
+    return taus.mul_(taus.abs() >= limits)
 
 
-def elect_and_merge(deltas: list[torch.Tensor], weights: list[float], consensus: str, mode: str) -> torch.Tensor:
-    """Elect a sign per entry, then combine only the entries that agree with it.
+def elect_and_merge(deltas: torch.Tensor, weights: list[float], consensus: str, mode: str) -> torch.Tensor:
+    """Elect a sign per entry, then combine only the entries that agree with it. `deltas` is [task, ...].
 
     d_k = w_k * trimmed tau_k; sign = sgn(sum_k d_k) (or of sum_k sgn(d_k) for `count`), +1 where that is 0;
     mean: sum_k d_k [sgn d_k = sign] / sum_k w_k [sgn d_k = sign] (1 where nothing agrees); sum: the numerator.
     """
     import torch
 
-    weighted = [w * d for w, d in zip(weights, deltas, strict=True)]
-    if consensus == "sum":
-        elected = sum(weighted).sign()
-    else:
-        elected = sum(d.sign() for d in weighted).sign()
-    elected[elected == 0] = 1
-    numerator = torch.zeros_like(deltas[0])
-    divisor = torch.zeros_like(deltas[0]) if mode == "mean" else None
-    for w, d in zip(weights, weighted, strict=True):
-        agree = d.sign() == elected
-        numerator += d * agree
-        if divisor is not None:
-            divisor += w * agree
-    if divisor is None:
+    unit = all(w == 1.0 for w in weights)
+    w = torch.tensor(weights, dtype=deltas.dtype).view(-1, *[1] * (deltas.dim() - 1))
+    weighted = deltas if unit else deltas * w
+    score = weighted.sum(0) if consensus == "sum" else weighted.sign().sum(0)
+    elected = torch.where(score >= 0, 1.0, -1.0)
+    agree = (weighted * elected) > 0
+    numerator = (weighted * agree).sum(0)
+    if mode == "sum":
         return numerator
-    divisor[divisor == 0] = 1
-    return numerator / divisor
+    divisor = agree.sum(0, dtype=deltas.dtype) if unit else (w * agree).sum(0)
+    return numerator / torch.where(divisor == 0, 1.0, divisor)
 
 
 def per_tensor_thresholds(source: TensorSource, density: float) -> list[float]:
     from workers.engine.selection import keep_count, kth_largest
 
     k = keep_count(density, source.numel)
-    return [kth_largest(source.task_vector(t).abs_(), k) for t in range(source.n_tasks)]
+    return list(source.map(lambda t: kth_largest(source.task_vector(t).abs_(), k), range(source.n_tasks)))
 
 
 @register
@@ -89,6 +86,6 @@ class Ties(MergeMethod):
         return per_tensor_thresholds(source, params.density)
 
     def merge(self, params: TiesParams, chunk: Chunk, state: list[float]) -> torch.Tensor:
-        trimmed = [trim(tau, thr) for tau, thr in zip(chunk.task_vectors(), state, strict=True)]
+        trimmed = trim(chunk.task_vectors(), state)
         merged = elect_and_merge(trimmed, chunk.weights, params.consensus, params.merge)
-        return chunk.base + params.lambda_ * merged
+        return merged.mul_(params.lambda_).add_(chunk.base)
