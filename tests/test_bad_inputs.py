@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import write_safetensors
+
 from workers.engine.errors import EngineError, ErrorCode
 from workers.engine.merge import run_merge
 from workers.engine.safetensors_format import read_header_file

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -53,11 +54,16 @@ def ties_spec(bert_family) -> dict:
 
 @pytest.fixture(scope="module")
 def cli_ties(ties_spec, tmp_path_factory) -> Path:
-    """A TIES merge in bf16 through `mergeforge merge spec.yml out -q` in a subprocess."""
+    """A TIES merge in bf16 through `mergeforge merge spec.yml out -q` in a subprocess. The SPEC names its
+    checkpoints relative to its own folder, and is run from another folder."""
     work = tmp_path_factory.mktemp("cli")
-    (work / "spec.yml").write_text(yaml.safe_dump(ties_spec, sort_keys=False))
+    (work / "specs").mkdir()
+    relative = {**ties_spec, "base_model": os.path.relpath(ties_spec["base_model"], work / "specs"),
+                "models": [{"model": os.path.relpath(m["model"], work / "specs")} for m in ties_spec["models"]]}
+    assert not Path(relative["base_model"]).is_absolute()
+    (work / "specs" / "spec.yml").write_text(yaml.safe_dump(relative, sort_keys=False))
     out = work / "out"
-    proc = subprocess.run([*MERGEFORGE, "merge", "spec.yml", "out", "-q"], cwd=work, capture_output=True,
+    proc = subprocess.run([*MERGEFORGE, "merge", "specs/spec.yml", "out", "-q"], cwd=work, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert f"merged 3 model(s) with ties into {out.name}" in proc.stdout

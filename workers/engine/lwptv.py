@@ -23,7 +23,7 @@ from typing import Any
 
 from workers.engine.selection import global_thresholds
 from workers.engine.spec import LwPTVConfig
-from workers.engine.tensors import TensorSource
+from workers.engine.tensors import Chunk, TensorSource
 
 
 def layer_of(tensor_name: str, config: LwPTVConfig) -> str:
@@ -51,21 +51,19 @@ def compute(config: LwPTVConfig, sources: Sequence[TensorSource], task_names: li
         for layer, members in layers.items():
             salient = [0] * n_tasks
             for source in members:
-                for chunk in source.chunks():
-                    for k, tau in enumerate(chunk.task_vectors()):
-                        salient[k] += int((tau.abs_() >= thresholds[k]).count_nonzero())
-                    tick(chunk.base.numel())
+                for counts in source.map_chunks(lambda chunk: _count_salient(chunk, thresholds)):
+                    salient = [a + b for a, b in zip(salient, counts, strict=True)]
+                    tick(source.numel // len(source.row_ranges))
             numel = sum(s.numel for s in members)
             scores[layer] = [(c / numel) / config.q if numel else 0.0 for c in salient]
     else:
         for layer, members in layers.items():
             sq_tau, sq_base = [0.0] * n_tasks, 0.0
             for source in members:
-                for chunk in source.chunks():
-                    sq_base += float(chunk.base.double().square().sum())
-                    for k, tau in enumerate(chunk.task_vectors()):
-                        sq_tau[k] += float(tau.double().square().sum())
-                    tick(chunk.base.numel())
+                for base_sq, tau_sq in source.map_chunks(_squares):
+                    sq_base += base_sq
+                    sq_tau = [a + b for a, b in zip(sq_tau, tau_sq, strict=True)]
+                    tick(source.numel // len(source.row_ranges))
             scores[layer] = [math.sqrt(s) / math.sqrt(sq_base) if sq_base > 0 else math.inf for s in sq_tau]
     pruned_layer = {layer: [s < config.eta for s in row] for layer, row in scores.items()}
     pruned = {s.name: pruned_layer[layer_of(s.name, config)] for s in sources}
@@ -83,6 +81,15 @@ def compute(config: LwPTVConfig, sources: Sequence[TensorSource], task_names: li
         },
     }
     return LwPTVResult(pruned, report)
+
+
+def _count_salient(chunk: Chunk, thresholds: list[float]) -> list[int]:
+    return [int((tau.abs_() >= t).count_nonzero()) for tau, t in zip(chunk.task_vectors(), thresholds, strict=True)]
+
+
+def _squares(chunk: Chunk) -> tuple[float, list[float]]:
+    return (float(chunk.base.double().square().sum()),
+            [float(tau.double().square().sum()) for tau in chunk.task_vectors()])
 
 
 def _finite(x: float) -> float | None:

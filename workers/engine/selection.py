@@ -109,10 +109,10 @@ def global_thresholds(sources: Sequence[TensorSource], fractions: list[float],
 
     def sweep(feed: Callable[[StreamingKthLargest, torch.Tensor], None]) -> None:
         for source in sources:
-            for chunk in source.chunks():
-                for selector, tau in zip(selectors, chunk.task_vectors(), strict=True):
-                    feed(selector, tau.abs_())
-                tick(chunk.base.numel())
+            for magnitudes in source.map_chunks(lambda chunk: chunk.task_vectors().abs_()):
+                for selector, mag in zip(selectors, magnitudes, strict=True):
+                    feed(selector, mag)
+                tick(magnitudes[0].numel())
 
     sweep(StreamingKthLargest.first_pass)
     for selector in selectors:
