@@ -15,8 +15,9 @@ What it measures
 * The I/O floor: reading every input file once (4 models) in 16 MiB blocks, and the same plus writing one
   output-sized file; no merge can beat the first on this machine.
 * Every measurement is taken with a warm page cache: all inputs are read once, untimed, before any timing.
-* Each measurement is repeated (`--repeats`, default 3; mergekit's own count with `--mergekit-repeats`) and
-  the table reports medians.
+* Each measurement is repeated (`--repeats`, default 3) and the table reports medians. mergekit's TIES
+  takes ~2.5 min a run at full size on 2 cores, so it runs once unless `--mergekit-repeats` says otherwise
+  (the default full run then takes ~7 min once the models exist, ~8 min on the first run).
 * Output equality: the last merged model of each tool is compared tensor by tensor (one tensor in memory at
   a time): max |a - b|, how many entries differ at all and by more than one bf16 ulp. mergekit is told to
   compute in float32 (`dtype: float32`, `out_dtype: bfloat16`) because MergeForge always computes in
@@ -78,6 +79,7 @@ class Method:
     mergekit_parameters: dict[str, Any]
     mergekit_model_parameters: dict[str, Any]
     mergeforge_parameters: dict[str, Any]
+    mergekit_max_repeats: int | None = None  # default cap on mergekit's runs, where one run is slow
 
 
 METHODS: dict[str, Method] = {
@@ -96,6 +98,7 @@ METHODS: dict[str, Method] = {
         mergekit_model_parameters={"weight": 1.0, "density": 0.2},
         mergeforge_parameters={"density": 0.2, "lambda": 1.0, "consensus": "sum", "merge": "mean",
                                "scope": "tensor"},
+        mergekit_max_repeats=1,  # ~2.5 min a run at full size on 2 cores
     ),
 }
 
@@ -351,7 +354,7 @@ def mergeforge_command(method: Method, base: Path, finetunes: list[Path], spec_p
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
     exe = shutil.which("mergeforge")
     prefix = [exe] if exe else [sys.executable, "-m", "workers.engine.cli"]
-    return [*prefix, "merge", str(spec_path), str(out)]
+    return [*prefix, "merge", "-q", str(spec_path), str(out)]  # no progress bar, as mergekit's --quiet
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -506,7 +509,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="merge methods to run (default: all)")
     p.add_argument("--repeats", type=int, default=3, help="runs per measurement; medians are reported")
     p.add_argument("--mergekit-repeats", type=int, default=None,
-                   help="runs per mergekit measurement (default: --repeats); mergekit TIES is slow")
+                   help="runs per mergekit measurement (default: --repeats, but 1 for ties, whose mergekit "
+                   "run takes ~2.5 min at full size on 2 cores)")
     p.add_argument("--skip-mergekit", action="store_true", help="run MergeForge and the I/O floor only")
     p.add_argument("--scale", type=float, default=1.0,
                    help="model size factor on layers and vocab (0.1 gives a 1-layer model for a quick check)")
@@ -522,7 +526,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workdir: Path = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    mk_repeats = args.mergekit_repeats or args.repeats
     tools = [t for t in TOOLS if not (t == "mergekit" and args.skip_mergekit)]
 
     base, finetunes, n_params = ensure_models(workdir, args.scale)
@@ -569,11 +572,12 @@ def main(argv: list[str] | None = None) -> int:
                 cmds[tool] = mergeforge_command(method, base, finetunes, runs / f"{mname}-mergeforge.yaml",
                                                 outs[tool])
             results[(mname, tool)] = Series()
-        for rep in range(max(args.repeats, mk_repeats if "mergekit" in tools else 0)):
+        wanted = {"mergeforge": args.repeats,
+                  "mergekit": args.mergekit_repeats or min(args.repeats, method.mergekit_max_repeats or 10**6)}
+        for rep in range(max(wanted[t] for t in tools)):
             for tool in tools:  # interleaved, so drift in machine load hits both tools alike
                 series = results[(mname, tool)]
-                wanted = mk_repeats if tool == "mergekit" else args.repeats
-                if series.failed or rep >= wanted:
+                if series.failed or rep >= wanted[tool]:
                     continue
                 shutil.rmtree(outs[tool], ignore_errors=True)
                 log = runs / f"{mname}-{tool}-{rep + 1}.log"
@@ -596,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             comparisons[mname] = "not compared (a tool failed)"
 
-    print_report(args, n_params, input_bytes, floor_read, floor_rw, results, comparisons, tools, mk_repeats)
+    print_report(args, n_params, input_bytes, floor_read, floor_rw, results, comparisons, tools)
     if "ties" in args.methods:
         print()
         print(tie_diagnostic(base, finetunes[0], METHODS["ties"].mergeforge_parameters["density"]))
@@ -605,14 +609,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_report(args: argparse.Namespace, n_params: int, input_bytes: int, floor_read: list[float],
                  floor_rw: list[float], results: dict[tuple[str, str], Series], comparisons: dict[str, str],
-                 tools: list[str], mk_repeats: int) -> None:
+                 tools: list[str]) -> None:
     cpu = platform.processor() or platform.machine()
     print()
     print(f"Synthetic Llama, {n_params / 1e6:.1f}M params, bf16; base + {N_FINETUNES} fine-tunes "
           f"({input_bytes / 1e9:.2f} GB of inputs). {os.cpu_count()} CPUs ({cpu}), "
           f"torch {torch.__version__}, "
           f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM. Warm page cache for every measurement. "
-          f"Medians of {args.repeats} runs (mergekit: {mk_repeats}). mergekit computes in float32 "
+          f"Medians of the runs listed. mergekit computes in float32 "
           f"(dtype: float32, out_dtype: bfloat16), as MergeForge does.")
     print()
     print("| method | tool | median wall s | median peak RSS MB | runs (s) | x I/O floor "

@@ -11,6 +11,7 @@ from conftest import write_safetensors
 from safetensors.torch import load_file
 
 from workers.engine import lwptv
+from workers.engine import tensors as tensors_module
 from workers.engine.checkpoint import Checkpoint
 from workers.engine.merge import LWPTV_FILE, run_merge
 from workers.engine.spec import LwPTVConfig, MergeSpec
@@ -231,11 +232,25 @@ def test_relative_norm_block(rn_sources):
     assert result.pruned["encoder.layer.0.b.weight"] == [False, True]
 
 
-# --------------------------------------------------------------------------------------------- known problems
+def test_scores_do_not_depend_on_chunking(family, monkeypatch):
+    monkeypatch.setattr(tensors_module, "CHUNK_ELEMENTS", 5)  # one row per chunk
+    base_path, task_paths = family
+    base = Checkpoint.open(str(base_path))
+    models = [Checkpoint.open(str(p)) for p in task_paths]
+    try:
+        sources = [TensorSource(n, base, models, [n, n], [False, False], [1.0, 1.0], 0) for n in SHAPES]
+        assert len(sources[0].row_ranges) == 4
+        result = lwptv.compute(LwPTVConfig(q=0.25), sources, ["t1", "t2"], lambda n: None)
+    finally:
+        for c in (base, *models):
+            c.close()
+    layers = result.report["tasks"]["t1"]["layers"]
+    assert [layers[n]["score"] for n in SHAPES] == [0.0, 4.0, 0.0, 2.0, 0.0]
+    layers = result.report["tasks"]["t2"]["layers"]
+    assert [layers[n]["score"] for n in SHAPES] == [3.0, 0.0, 2.0, 0.0, 0.0]
 
-@pytest.mark.xfail(strict=True, reason="engine bug: when fewer than q of a task vector's entries are "
-                   "nonzero, the global top-q threshold is 0 and every exactly-unchanged entry counts as "
-                   "salient, so layers the fine-tune never touched score 1/q and are kept instead of pruned")
+
+
 def test_unchanged_layers_are_never_salient(tmp_path):
     # t1 changes only the 10 entries of ATT0; q = 0.25 asks for the top 20 of 80 entries.
     base = {n: _base(n) for n in SHAPES}
@@ -254,6 +269,24 @@ def test_unchanged_layers_are_never_salient(tmp_path):
         assert layers[n]["score"] == 0.0, n
         assert result.pruned[n] == [True], n
     assert result.pruned[ATT0] == [False]
+
+
+def test_progress_counts_every_element_with_uneven_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(tensors_module, "CHUNK_ELEMENTS", 2)  # pooler.bias (3,): rows [0, 2) and [2, 3)
+    base_path = write_safetensors(tmp_path / "base.safetensors", RN_BASE)
+    path = write_safetensors(tmp_path / "t1.safetensors",
+                             {n: RN_BASE[n] + torch.tensor(RN_TAU["t1"][n]) for n in RN_BASE})
+    base, model = Checkpoint.open(str(base_path)), Checkpoint.open(str(path))
+    try:
+        sources = [TensorSource(n, base, [model], [n], [False], [1.0], 0) for n in RN_BASE]
+        assert [len(s.row_ranges) for s in sources] == [2, 1, 2]
+        for config, passes in ((LwPTVConfig(score="relative_norm", eta=1.0), 1), (LwPTVConfig(q=0.5), 3)):
+            ticks: list[int] = []
+            lwptv.compute(config, sources, ["t1"], ticks.append)
+            assert sum(ticks) == passes * (4 + 4 + 3), config.score
+    finally:
+        base.close()
+        model.close()
 
 
 # ----------------------------------------------------------------------------------------------- end to end

@@ -19,7 +19,7 @@ from workers.engine.methods.dare_ties import DareTies
 from workers.engine.methods.linear import Linear
 from workers.engine.methods.slerp import Slerp
 from workers.engine.methods.task_arithmetic import TaskArithmetic
-from workers.engine.methods.ties import Ties, per_tensor_thresholds
+from workers.engine.methods.ties import Cut, Ties, per_tensor_cuts
 from workers.engine.tensors import Chunk, TensorSource
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,7 +167,7 @@ def test_task_arithmetic_leaves_the_chunk_base_untouched():
 TAU1 = [3.0, -1.0, 2.0, 1.0, 0.0, 2.0]
 TAU2 = [-1.0, -1.0, -2.0, -1.0, 0.0, 4.0]
 TAU3 = [-1.0, 4.0, 0.0, 0.0, 0.0, -1.0]
-NO_TRIM = [0.0, 0.0, 0.0]
+NO_TRIM = [Cut(0.0)] * 3
 
 
 def test_ties_sign_by_sum_disjoint_mean():
@@ -215,7 +215,7 @@ def test_ties_trim_uses_each_tasks_threshold():
     # tau2 = [4, 1, -1, 0.25], threshold 1 -> [4, 1, -1, 0]
     # sums [4, -2, 1, 0] -> [+, -, +, + (tie)]; e0: 4; e1: -3; e2: tau1 2; e3: nothing agrees -> 0
     c = chunk([10.0] * 4, [[10.5, 7.0, 12.0, 11.0], [14.0, 11.0, 9.0, 10.25]])
-    out = merge(Ties, {"lambda": 1.0}, c, [2.0, 1.0])
+    out = merge(Ties, {"lambda": 1.0}, c, [Cut(2.0), Cut(1.0)])
     assert torch.equal(out, t([14.0, 7.0, 12.0, 10.0]))
 
 
@@ -226,7 +226,7 @@ def test_ties_defaults_and_scope():
     assert Ties().global_fraction(params) is None
     glob = Ties.Params.model_validate({"density": 0.3, "scope": "global"})
     assert Ties().global_fraction(glob) == 0.3
-    assert Ties().tensor_state(glob, None, [0.5, 0.25]) == [0.5, 0.25]
+    assert Ties().tensor_state(glob, None, [0.5, 0.25]) == [Cut(0.5), Cut(0.25)]
 
 
 def test_ties_per_tensor_thresholds_from_a_tensor_source(make_source):
@@ -236,14 +236,14 @@ def test_ties_per_tensor_thresholds_from_a_tensor_source(make_source):
     m2 = t([[2.0, 0.0, 9.0], [1.0, -1.0, 7.0]])
     source = make_source("w", base, [m1, m2])
     # density 0.5 of 6 -> keep 3: third largest of |tau1| is 2, of |tau2| (8, 6, 2, 1, 1, 0) is 2
-    assert per_tensor_thresholds(source, 0.5) == [2.0, 2.0]
+    assert per_tensor_cuts(source, 0.5) == [Cut(2.0), Cut(2.0)]
     # density 0.2 of 6 -> int(1.2) = 1: the largest
-    assert per_tensor_thresholds(source, 0.2) == [4.0, 8.0]
+    assert per_tensor_cuts(source, 0.2) == [Cut(4.0), Cut(8.0)]
     # density 1 keeps all
-    assert per_tensor_thresholds(source, 1.0) == [0.0, 0.0]
+    assert per_tensor_cuts(source, 1.0) == [Cut(0.0), Cut(0.0)]
     params = Ties.Params.model_validate({"density": 0.5, "lambda": 1.0})
     state = Ties().tensor_state(params, source, None)
-    assert state == [2.0, 2.0]
+    assert state == [Cut(2.0), Cut(2.0)]
     # tau1 = [0.5, -3, 2, 1, 4, 0.25] trimmed at 2 -> [0, -3, 2, 0, 4, 0]
     # tau2 = [1, -1, 8, 0, -2, 6] trimmed at 2 -> [0, 0, 8, 0, -2, 6]
     # sums [0, -3, 10, 0, 2, 6] -> [+, -, +, +, +, +]
@@ -260,7 +260,21 @@ def test_ties_per_tensor_thresholds_span_every_chunk(make_source, monkeypatch):
     source = make_source("w", base, [m1])
     assert len(source.row_ranges) == 4
     # density 0.25 of 8 -> keep 2 -> 7
-    assert per_tensor_thresholds(source, 0.25) == [7.0]
+    assert per_tensor_cuts(source, 0.25) == [Cut(7.0)]
+
+
+def test_ties_per_tensor_trim_keeps_exactly_k_breaking_ties_by_position(make_source, monkeypatch):
+    # |tau| = [1 2 2 2 | 3 2 2 1 | 2 2 5 0 | 0 0 0 2], one row per chunk; density 0.25 of 16 -> k = 4:
+    # 5 and 3, then the first two 2s in storage order (flat indices 1 and 2), nothing else tied at 2.
+    monkeypatch.setattr(tensors_module, "CHUNK_ELEMENTS", 4)
+    base = torch.zeros(4, 4)
+    m1 = t([[1.0, 2.0, -2.0, 2.0], [3.0, 2.0, 2.0, 1.0], [2.0, 2.0, 5.0, 0.0], [0.0, 0.0, 0.0, 2.0]])
+    source = make_source("w", base, [m1])
+    assert per_tensor_cuts(source, 0.25) == [Cut(2.0, 2)]
+    params = Ties.Params.model_validate({"density": 0.25, "lambda": 1.0})
+    state = Ties().tensor_state(params, source, None)
+    out = torch.cat([Ties().merge(params, c, state) for c in source.chunks()])
+    assert torch.equal(out, t([[0.0, 2.0, -2.0, 0.0], [3.0, 0.0, 0.0, 0.0], [0.0, 0.0, 5.0, 0.0], [0.0] * 4]))
 
 
 # ------------------------------------------------------------------------------------------------------- DARE
@@ -472,6 +486,6 @@ def test_every_method_returns_float32_of_the_chunk_shape():
             c1 = chunk(torch.ones(3, 4), [torch.full((3, 4), 2.0)])
             out = cls().merge(cls.Params.model_validate({}), c1, (0.5, 0.5))
         else:
-            out = cls().merge(cls.Params.model_validate({}), c, [0.0, 0.0])
+            out = cls().merge(cls.Params.model_validate({}), c, [Cut(0.0)] * 2)
         assert out.shape == (3, 4) and out.dtype == torch.float32, name
         assert bool(torch.isfinite(out).all()), name

@@ -200,7 +200,10 @@ def test_global_thresholds_across_many_chunks(checkpoints, monkeypatch):
     shapes, base, tasks, ckpts = checkpoints
     sources = _sources(shapes, ckpts)
     assert len(sources[0].row_ranges) == 20
-    got = global_thresholds(sources, [0.2, 0.05], lambda n: None)
+    assert [len(s.row_ranges) for s in sources] == [20, 6, 3]  # c.bias: rows 3 + 3 + 1
+    ticks: list[int] = []
+    got = global_thresholds(sources, [0.2, 0.05], ticks.append)
+    assert sum(ticks) == 2 * 1405
     tau0 = torch.cat([(tasks[0][n] - base[n]).reshape(-1) for n in shapes]).abs()
     tau1 = torch.cat([(tasks[1][n] - base[n]).reshape(-1) for n in shapes]).abs()
     assert got == [sorted_kth(tau0, 281), sorted_kth(tau1, 70)]  # int(0.2 * 1405), int(0.05 * 1405)

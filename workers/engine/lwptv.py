@@ -51,19 +51,19 @@ def compute(config: LwPTVConfig, sources: Sequence[TensorSource], task_names: li
         for layer, members in layers.items():
             salient = [0] * n_tasks
             for source in members:
-                for counts in source.map_chunks(lambda chunk: _count_salient(chunk, thresholds)):
+                for numel, counts in source.map_chunks(lambda chunk: _count_salient(chunk, thresholds)):
                     salient = [a + b for a, b in zip(salient, counts, strict=True)]
-                    tick(source.numel // len(source.row_ranges))
+                    tick(numel)
             numel = sum(s.numel for s in members)
             scores[layer] = [(c / numel) / config.q if numel else 0.0 for c in salient]
     else:
         for layer, members in layers.items():
             sq_tau, sq_base = [0.0] * n_tasks, 0.0
             for source in members:
-                for base_sq, tau_sq in source.map_chunks(_squares):
+                for numel, base_sq, tau_sq in source.map_chunks(_squares):
                     sq_base += base_sq
                     sq_tau = [a + b for a, b in zip(sq_tau, tau_sq, strict=True)]
-                    tick(source.numel // len(source.row_ranges))
+                    tick(numel)
             scores[layer] = [math.sqrt(s) / math.sqrt(sq_base) if sq_base > 0 else math.inf for s in sq_tau]
     pruned_layer = {layer: [s < config.eta for s in row] for layer, row in scores.items()}
     pruned = {s.name: pruned_layer[layer_of(s.name, config)] for s in sources}
@@ -83,12 +83,18 @@ def compute(config: LwPTVConfig, sources: Sequence[TensorSource], task_names: li
     return LwPTVResult(pruned, report)
 
 
-def _count_salient(chunk: Chunk, thresholds: list[float]) -> list[int]:
-    return [int((tau.abs_() >= t).count_nonzero()) for tau, t in zip(chunk.task_vectors(), thresholds, strict=True)]
+def _count_salient(chunk: Chunk, thresholds: list[float]) -> tuple[int, list[int]]:
+    """Entries at or above the task's global threshold; an entry the fine-tune left unchanged is never salient,
+    even when fewer than q of the task vector changed and the threshold is 0."""
+    counts = []
+    for tau, t in zip(chunk.task_vectors(), thresholds, strict=True):
+        magnitudes = tau.abs_()
+        counts.append(int((magnitudes >= t if t > 0 else magnitudes > 0).count_nonzero()))
+    return chunk.base.numel(), counts
 
 
-def _squares(chunk: Chunk) -> tuple[float, list[float]]:
-    return (float(chunk.base.double().square().sum()),
+def _squares(chunk: Chunk) -> tuple[int, float, list[float]]:
+    return (chunk.base.numel(), float(chunk.base.double().square().sum()),
             [float(tau.double().square().sum()) for tau in chunk.task_vectors()])
 
 

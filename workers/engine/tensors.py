@@ -53,6 +53,7 @@ class Chunk:
     models: torch.Tensor
     weights: list[float]
     seed: int
+    start: int = 0  # flat index of the chunk's first entry in the whole tensor
 
     def task_vectors(self) -> torch.Tensor:
         """tau_k = theta_k - theta_0, stacked [task, *rows]; a new tensor the caller may modify."""
@@ -108,7 +109,8 @@ class TensorSource:
         models = torch.empty((len(wanted), *base.shape), dtype=torch.float32)
         for i, k in enumerate(wanted):
             models[i].copy_(base if self.pruned[k] else self._read(self._models[k], self._own[k], rows))
-        return Chunk(self.name, index, base, models, [self.weights[k] for k in wanted], self._seed)
+        start = rows[0] * (self.numel // self.shape[0]) if rows else 0
+        return Chunk(self.name, index, base, models, [self.weights[k] for k in wanted], self._seed, start)
 
     def chunks(self) -> Iterator[Chunk]:
         for i in range(len(self.row_ranges)):

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 class MethodParams(BaseModel):
     """Base of every method's parameters: unknown keys are errors, never silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class MergeMethod:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
@@ -26,12 +28,31 @@ class TiesParams(MethodParams):
                                                "(mergekit) or over the whole task vector (TIES paper code).")
 
 
-def trim(taus: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
-    """Zero, in place, the entries of each task's tau ([task, ...]) whose magnitude is below its threshold."""
+@dataclass(frozen=True)
+class Cut:
+    """What trim keeps of one task vector: every |tau| above `threshold`, and entries equal to it up to flat index
+    `last_tie`, so that exactly k entries survive even when magnitudes tie (common with bf16 checkpoints)."""
+
+    threshold: float
+    last_tie: int = sys.maxsize
+
+
+def trim(taus: torch.Tensor, cuts: list[Cut], start: int = 0) -> torch.Tensor:
+    """Zero, in place, what each task's cut drops; `taus` is [task, ...], its entries start at flat `start`."""
     import torch
 
-    limits = torch.tensor(thresholds, dtype=taus.dtype).view(-1, *[1] * (taus.dim() - 1))
-    return taus.mul_(taus.abs() >= limits)
+    numel = taus[0].numel()
+    for tau, cut in zip(taus, cuts, strict=True):
+        magnitudes = tau.abs()
+        if cut.last_tie >= start + numel - 1:
+            keep = magnitudes >= cut.threshold
+        elif cut.last_tie < start:
+            keep = magnitudes > cut.threshold
+        else:
+            before_cut = (torch.arange(numel) <= cut.last_tie - start).view(tau.shape)
+            keep = (magnitudes > cut.threshold) | ((magnitudes == cut.threshold) & before_cut)
+        tau.mul_(keep)
+    return taus
 
 
 def elect_and_merge(deltas: torch.Tensor, weights: list[float], consensus: str, mode: str) -> torch.Tensor:
@@ -55,11 +76,38 @@ def elect_and_merge(deltas: torch.Tensor, weights: list[float], consensus: str, 
     return numerator / torch.where(divisor == 0, 1.0, divisor)
 
 
-def per_tensor_thresholds(source: TensorSource, density: float) -> list[float]:
+def per_tensor_cuts(source: TensorSource, density: float) -> list[Cut]:
+    """Exactly k = keep_count(density) entries of each task vector of this tensor, the largest by magnitude; ties
+    at the threshold are broken by position (mergekit's argsort breaks them arbitrarily)."""
     from workers.engine.selection import keep_count, kth_largest
 
     k = keep_count(density, source.numel)
-    return list(source.map(lambda t: kth_largest(source.task_vector(t).abs_(), k), range(source.n_tasks)))
+
+    def one(task: int) -> Cut:
+        magnitudes = source.task_vector(task).abs_()
+        threshold = kth_largest(magnitudes, k)  # reorders `magnitudes`
+        if k <= 0 or k >= source.numel:
+            return Cut(threshold)
+        above = int((magnitudes > threshold).count_nonzero())
+        ties = int((magnitudes == threshold).count_nonzero())
+        if above + ties == k:
+            return Cut(threshold)
+        return Cut(threshold, _nth_tie(source, task, threshold, k - above))
+
+    return list(source.map(one, range(source.n_tasks)))
+
+
+def _nth_tie(source: TensorSource, task: int, threshold: float, n: int) -> int:
+    """Flat index of the n-th entry (1-based, in storage order) whose magnitude equals `threshold`."""
+    seen = 0
+    for i in range(len(source.row_ranges)):
+        chunk = source.chunk(i, [task])
+        equal = (chunk.task_vectors()[0].abs_() == threshold).reshape(-1)
+        count = int(equal.count_nonzero())
+        if seen + count >= n:
+            return chunk.start + int(equal.nonzero()[n - seen - 1])
+        seen += count
+    raise AssertionError("fewer ties than counted")
 
 
 @register
@@ -67,8 +115,9 @@ class Ties(MergeMethod):
     """TIES: theta = theta_0 + lambda * disjoint_merge(elect_sign(trim(w_k tau_k))).
 
     Yadav et al., "TIES-Merging: Resolving Interference When Merging Models" (NeurIPS 2023, arXiv 2306.01708).
-    Trim keeps the top `density` of |tau_k| per tensor (mergekit) or over the whole task vector (`scope: global`,
-    the paper's code, computed exactly in two streaming passes). Defaults follow the paper: density 0.2,
+    Trim keeps the top `density` of |tau_k| per tensor (mergekit; exactly k entries, ties at the threshold broken
+    by position) or over the whole task vector (`scope: global`, the paper's code: every entry >= the exact k-th
+    largest magnitude, found in two streaming passes). Defaults follow the paper: density 0.2,
     sign by sum, disjoint mean, lambda 1. With `merge: sum` and lambda 0.3 it is the AdaMerging code's "dis-sum".
     """
 
@@ -79,13 +128,13 @@ class Ties(MergeMethod):
         return params.density if params.scope == "global" else None
 
     def tensor_state(self, params: TiesParams, source: TensorSource,
-                     global_thresholds: list[float] | None) -> list[float]:
+                     global_thresholds: list[float] | None) -> list[Cut]:
         if params.scope == "global":
             assert global_thresholds is not None
-            return global_thresholds
-        return per_tensor_thresholds(source, params.density)
+            return [Cut(t) for t in global_thresholds]
+        return per_tensor_cuts(source, params.density)
 
-    def merge(self, params: TiesParams, chunk: Chunk, state: list[float]) -> torch.Tensor:
-        trimmed = trim(chunk.task_vectors(), state)
+    def merge(self, params: TiesParams, chunk: Chunk, state: list[Cut]) -> torch.Tensor:
+        trimmed = trim(chunk.task_vectors(), state, chunk.start)
         merged = elect_and_merge(trimmed, chunk.weights, params.consensus, params.merge)
         return merged.mul_(params.lambda_).add_(chunk.base)
