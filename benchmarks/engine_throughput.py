@@ -16,20 +16,22 @@ What it measures
   output-sized file; no merge can beat the first on this machine.
 * Every measurement is taken with a warm page cache: all inputs are read once, untimed, before any timing.
 * Each measurement is repeated (`--repeats`, default 3) and the table reports medians. mergekit's TIES
-  takes ~2.5 min a run at full size on 2 cores, so it runs once unless `--mergekit-repeats` says otherwise
-  (the default full run then takes ~7 min once the models exist, ~8 min on the first run).
+  takes 1.5-2.5 min a run at full size on 2 cores, so it runs once unless `--mergekit-repeats` says
+  otherwise (the default full run then takes ~5 min once the models exist; generating them adds ~40 s).
 * Output equality: the last merged model of each tool is compared tensor by tensor (one tensor in memory at
-  a time): max |a - b|, how many entries differ at all and by more than one bf16 ulp. mergekit is told to
-  compute in float32 (`dtype: float32`, `out_dtype: bfloat16`) because MergeForge always computes in
-  float32, so the two should differ by final rounding only. TIES trims by magnitude: mergekit keeps exactly
-  k entries (ties at the threshold broken by sort order) while MergeForge keeps every entry at the
-  threshold, and task vectors of bf16 checkpoints have many equal magnitudes, so TIES outputs may differ.
+  a time): max |a - b|, how many entries differ at all and by more than one bf16 ulp (or 1e-6, whichever is
+  larger). mergekit is told to compute in float32 (`dtype: float32`, `out_dtype: bfloat16`) because
+  MergeForge always computes in float32, so the two should differ by final rounding only. For TIES, the
+  trim keeps exactly k entries of each task vector per tensor, and bf16 checkpoints give task vectors with
+  few distinct values, so many entries tie at the k-th largest magnitude; which tied entries survive is each
+  tool's choice (mergekit's is torch.argsort's unspecified order). TIES is elementwise after the trim, so
+  differences at those positions are counted apart (see `TrimTies`) and the verdict is on the rest.
 
 How to run
 ----------
-    python benchmarks/engine_throughput.py                      # full size, both methods, 3 repeats
-    python benchmarks/engine_throughput.py --scale 0.1 --repeats 1   # quick check on a 1-layer model
-    python benchmarks/engine_throughput.py --methods ties --mergekit-repeats 1
+    python benchmarks/engine_throughput.py                          # full size, both methods
+    python benchmarks/engine_throughput.py --scale 0.1 --repeats 1  # quick check on a 1-layer model
+    python benchmarks/engine_throughput.py --methods ties --mergekit-repeats 3
     python benchmarks/engine_throughput.py --skip-mergekit
 
 This is a benchmark, not a test: it never asserts a target. It exits non-zero only when a tool fails.
@@ -43,6 +45,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import struct
@@ -98,7 +101,7 @@ METHODS: dict[str, Method] = {
         mergekit_model_parameters={"weight": 1.0, "density": 0.2},
         mergeforge_parameters={"density": 0.2, "lambda": 1.0, "consensus": "sum", "merge": "mean",
                                "scope": "tensor"},
-        mergekit_max_repeats=1,  # ~2.5 min a run at full size on 2 cores
+        mergekit_max_repeats=1,  # 1.5-2.5 min a run at full size on 2 cores
     ),
 }
 
@@ -382,13 +385,53 @@ def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
     return torch.clamp(ulp, min=torch.finfo(torch.bfloat16).tiny * 2**-7)
 
 
+class TrimTies:
+    """Positions where the TIES trim of some task vector must choose among equal magnitudes.
+
+    The trim keeps k = max(1, int(density * n)) entries of each |tau_k| per tensor. When more entries than fit
+    share the k-th largest magnitude, which of them survive is the tool's choice (mergekit: torch.argsort's
+    order, unspecified for equal keys). bf16 checkpoints make such ties common, since their task vectors take
+    few distinct values. Everything after the trim is elementwise, so two correct tools can differ only at these
+    positions; the comparison counts differences there apart from the rest.
+    """
+
+    def __init__(self, base: Path, finetunes: list[Path], density: float):
+        self.density = density
+        self.base = tensor_locations(base)
+        self.finetunes = [tensor_locations(ft) for ft in finetunes]
+
+    def mask(self, name: str) -> torch.Tensor | None:
+        if name not in self.base or any(name not in ft for ft in self.finetunes):
+            return None
+        with safe_open(str(self.base[name]), framework="pt") as f:
+            base = f.get_tensor(name).float()
+        n = base.numel()
+        k = max(1, int(self.density * n))
+        out = torch.zeros(n, dtype=torch.bool)
+        if k >= n:
+            return out.reshape(base.shape)
+        for ft in self.finetunes:
+            with safe_open(str(ft[name]), framework="pt") as f:
+                mags = (f.get_tensor(name).float() - base).abs_().reshape(-1)
+            part = mags.numpy().copy()
+            part.partition(n - k)
+            threshold = float(part[n - k])
+            del part
+            equal = mags == threshold
+            if int((mags > threshold).sum()) + int(equal.sum()) > k:  # more tied entries than places left
+                out |= equal
+        return out.reshape(base.shape)
+
+
 @dataclass
 class Comparison:
     tensors: int = 0
     elements: int = 0
     max_abs_diff: float = 0.0
     differing: int = 0
-    beyond_ulp: int = 0
+    beyond_ulp: int = 0  # outside trim-tie positions, when those are known
+    tie_positions: int | None = None
+    beyond_ulp_at_ties: int = 0
     not_allclose: list[str] = field(default_factory=list)
     only_in_a: list[str] = field(default_factory=list)
     only_in_b: list[str] = field(default_factory=list)
@@ -401,10 +444,21 @@ class Comparison:
     def summary(self) -> str:
         if self.tensors == 0:
             return "no common tensors"
-        verdict = "equal within bf16 rounding" if self.equal_within_rounding else "DIFFERENT"
+        if self.tie_positions is None:
+            verdict = "equal within bf16 rounding" if self.equal_within_rounding else "DIFFERENT"
+            where = ""
+        else:
+            verdict = ("equal within bf16 rounding outside trim ties" if self.equal_within_rounding
+                       else "DIFFERENT outside trim ties")
+            where = " outside trim ties"
         text = (f"{verdict}: max abs diff {self.max_abs_diff:.3g}, {self.differing:,} of "
                 f"{self.elements:,} entries differ ({self.differing / self.elements:.4%}), "
-                f"{self.beyond_ulp:,} by more than 1 bf16 ulp (and {ATOL:g})")
+                f"{self.beyond_ulp:,}{where} by more than 1 bf16 ulp (and {ATOL:g})")
+        if self.tie_positions is not None:
+            text += (f"; at the {self.tie_positions:,} positions ({self.tie_positions / self.elements:.2%}) "
+                     f"where a task vector has more entries tied at its k-th largest magnitude than the trim "
+                     f"keeps, {self.beyond_ulp_at_ties:,} differ by more (which tied entries survive is "
+                     f"each tool's choice)")
         if self.not_allclose:
             text += f"; {len(self.not_allclose)} tensors fail allclose(rtol=1/128)"
         if self.only_in_a or self.only_in_b:
@@ -421,10 +475,12 @@ def open_files(paths: set[Path]) -> Iterator[dict[Path, Any]]:
         yield {p: stack.enter_context(safe_open(str(p), framework="pt")) for p in paths}
 
 
-def compare_models(a_dir: Path, b_dir: Path) -> Comparison:
+def compare_models(a_dir: Path, b_dir: Path, ties: TrimTies | None = None) -> Comparison:
+    """Compare two merged models tensor by tensor, one tensor (and its trim-tie mask) in memory at a time."""
     a_where, b_where = tensor_locations(a_dir), tensor_locations(b_dir)
     result = Comparison(only_in_a=sorted(set(a_where) - set(b_where)),
-                        only_in_b=sorted(set(b_where) - set(a_where)))
+                        only_in_b=sorted(set(b_where) - set(a_where)),
+                        tie_positions=None if ties is None else 0)
     common = sorted(set(a_where) & set(b_where))
     with open_files(set(a_where.values())) as fa, open_files(set(b_where.values())) as fb:
         for name in common:
@@ -443,32 +499,17 @@ def compare_models(a_dir: Path, b_dir: Path) -> Comparison:
             result.differing += int((diff > 0).sum())
             # One bf16 ulp of the larger value, but at least ATOL: near zero the exact result cancels and
             # float32 summation order alone moves it by ~1e-10, many ulps of so small a number.
-            tolerance = torch.clamp(bf16_ulp(torch.maximum(a32.abs(), b32.abs())), min=ATOL)
-            result.beyond_ulp += int((diff > tolerance).sum())
-            if not torch.allclose(a32, b32, rtol=1 / 128, atol=ATOL):
+            beyond = diff > torch.clamp(bf16_ulp(torch.maximum(a32.abs(), b32.abs())), min=ATOL)
+            mask = ties.mask(name) if ties is not None else None
+            if mask is not None and result.tie_positions is not None:
+                result.tie_positions += int(mask.sum())
+                result.beyond_ulp_at_ties += int((beyond & mask).sum())
+                beyond &= ~mask
+            result.beyond_ulp += int(beyond.sum())
+            if mask is None and not torch.allclose(a32, b32, rtol=1 / 128, atol=ATOL):
                 result.not_allclose.append(name)
-            del a, b, a32, b32, diff
+            del a, b, a32, b32, diff, beyond, mask
     return result
-
-
-def tie_diagnostic(base: Path, finetune: Path, density: float) -> str:
-    """How many entries of one task vector reach its k-th largest magnitude, against k (TIES trim)."""
-    b_where, f_where = tensor_locations(base), tensor_locations(finetune)
-    name = next((n for n in b_where if n.endswith("mlp.up_proj.weight")), sorted(b_where)[0])
-    with (safe_open(str(b_where[name]), framework="pt") as fb,
-          safe_open(str(f_where[name]), framework="pt") as ff):
-        tau = (ff.get_tensor(name).float() - fb.get_tensor(name).float()).abs().flatten()
-    n = tau.numel()
-    k = max(1, int(density * n))
-    mags = tau.numpy().copy()
-    mags.partition(n - k)
-    threshold = float(mags[n - k])
-    at_least = int((tau >= threshold).sum())
-    return (f"TIES trim of {finetune.name} - base, {name}: k = {k:,} of {n:,}; {at_least:,} entries have "
-            f"|tau| >= the k-th largest ({threshold:.4g}), {at_least - k:+,} ({(at_least - k) / n:+.2%} of "
-            f"the tensor). mergekit keeps exactly k (equal magnitudes broken by sort order), MergeForge "
-            f"keeps every entry at the threshold. bf16 task vectors take few distinct values, so such ties "
-            f"are common.")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -510,7 +551,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="runs per measurement; medians are reported")
     p.add_argument("--mergekit-repeats", type=int, default=None,
                    help="runs per mergekit measurement (default: --repeats, but 1 for ties, whose mergekit "
-                   "run takes ~2.5 min at full size on 2 cores)")
+                   "run takes 1.5-2.5 min at full size on 2 cores)")
     p.add_argument("--skip-mergekit", action="store_true", help="run MergeForge and the I/O floor only")
     p.add_argument("--scale", type=float, default=1.0,
                    help="model size factor on layers and vocab (0.1 gives a 1-layer model for a quick check)")
@@ -585,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
                 if res.returncode != 0:
                     series.failed = f"exit {res.returncode}"
                     failed = True
-                    print(f"\n{tool} {mname} FAILED (exit {res.returncode}): {' '.join(cmds[tool])}\n"
+                    print(f"\n{tool} {mname} FAILED (exit {res.returncode}): {shlex.join(cmds[tool])}\n"
                           f"log: {log}\n{tail(res.output)}\n", file=sys.stderr, flush=True)
                     continue
                 series.walls.append(res.wall_s)
@@ -594,16 +635,15 @@ def main(argv: list[str] | None = None) -> int:
                       f"{res.peak_rss_mb:8.1f} MB", flush=True)
         ok = [t for t in tools if not results[(mname, t)].failed]
         if len(ok) == 2:
-            comparisons[mname] = compare_models(outs["mergekit"], outs["mergeforge"]).summary()
+            density = method.mergeforge_parameters.get("density")
+            ties = TrimTies(base, finetunes, density) if mname == "ties" and density is not None else None
+            comparisons[mname] = compare_models(outs["mergekit"], outs["mergeforge"], ties).summary()
         elif len(tools) < 2:
             comparisons[mname] = "not compared (--skip-mergekit)"
         else:
             comparisons[mname] = "not compared (a tool failed)"
 
     print_report(args, n_params, input_bytes, floor_read, floor_rw, results, comparisons, tools)
-    if "ties" in args.methods:
-        print()
-        print(tie_diagnostic(base, finetunes[0], METHODS["ties"].mergeforge_parameters["density"]))
     return 1 if failed else 0
 
 

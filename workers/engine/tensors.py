@@ -18,7 +18,7 @@ from workers.engine.errors import EngineError, ErrorCode
 
 # Fixed, so that chunk-seeded randomness (DARE) gives the same bytes on every machine. Small enough that a
 # chunk's working set stays near the CPU caches, large enough that per-op overhead is noise.
-CHUNK_ELEMENTS = 1 << 20
+CHUNK_ELEMENTS = 1 << 18
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -127,10 +127,18 @@ class TensorSource:
     def task_vector(self, task: int) -> torch.Tensor:
         """The whole task vector of one task, float32, flattened: for statistics over a full tensor."""
         out = torch.empty(self.numel, dtype=torch.float32)
-        position = 0
-        for i in range(len(self.row_ranges)):
-            chunk = self.chunk(i, [task])
-            tau = chunk.task_vectors().reshape(-1)
-            out[position:position + tau.numel()] = tau
-            position += tau.numel()
+        for rows in self.row_ranges:
+            start = rows[0] * (self.numel // self.shape[0]) if rows else 0
+            part = out[start:start + self._rows_numel(rows)].view(self._rows_shape(rows))
+            if self.pruned[task]:
+                part.zero_()
+                continue
+            part.copy_(self._read(self._models[task], self._own[task], rows))
+            part.sub_(self._read(self._base, self.name, rows))
         return out
+
+    def _rows_shape(self, rows: tuple[int, int] | None) -> tuple[int, ...]:
+        return (rows[1] - rows[0], *self.shape[1:]) if rows else self.shape
+
+    def _rows_numel(self, rows: tuple[int, int] | None) -> int:
+        return math.prod(self._rows_shape(rows))

@@ -38,42 +38,49 @@ class Cut:
 
 
 def trim(taus: torch.Tensor, cuts: list[Cut], start: int = 0) -> torch.Tensor:
-    """Zero, in place, what each task's cut drops; `taus` is [task, ...], its entries start at flat `start`."""
+    """Zero, in place, what each task's cut drops; `taus` is [task, ...], its entries start at flat index `start`.
+
+    hardshrink keeps |x| > lambda; with lambda the float32 just below the threshold it keeps |x| >= threshold.
+    It is one pass, where a bool mask and a multiply take three and bool tensors are slow on CPU.
+    """
+    import numpy as np
     import torch
 
-    numel = taus[0].numel()
-    for tau, cut in zip(taus, cuts, strict=True):
-        magnitudes = tau.abs()
-        if cut.last_tie >= start + numel - 1:
-            keep = magnitudes >= cut.threshold
-        elif cut.last_tie < start:
-            keep = magnitudes > cut.threshold
-        else:
-            before_cut = (torch.arange(numel) <= cut.last_tie - start).view(tau.shape)
-            keep = (magnitudes > cut.threshold) | ((magnitudes == cut.threshold) & before_cut)
-        tau.mul_(keep)
+    flat = taus.view(taus.shape[0], -1)
+    numel = flat.shape[1]
+    for k, cut in enumerate(cuts):
+        threshold = np.float32(cut.threshold)
+        at_or_above = float(np.nextafter(threshold, np.float32(-np.inf)))
+        split = min(max(cut.last_tie - start + 1, 0), numel)  # leading entries where ties are kept
+        for part, lam in ((flat[k, :split], at_or_above), (flat[k, split:], float(threshold))):
+            if part.numel():
+                torch.ops.aten.hardshrink.out(part, lam, out=part)
     return taus
 
 
 def elect_and_merge(deltas: torch.Tensor, weights: list[float], consensus: str, mode: str) -> torch.Tensor:
-    """Elect a sign per entry, then combine only the entries that agree with it. `deltas` is [task, ...].
+    """Elect a sign per entry, then combine only the entries that agree with it. `deltas` is [task, ...] and is
+    overwritten.
 
     d_k = w_k * trimmed tau_k; sign = sgn(sum_k d_k) (or of sum_k sgn(d_k) for `count`), +1 where that is 0;
-    mean: sum_k d_k [sgn d_k = sign] / sum_k w_k [sgn d_k = sign] (1 where nothing agrees); sum: the numerator.
+    mean: sum_k d_k [sgn d_k = sign] / sum_k w_k [sgn d_k = sign] (0 where nothing agrees); sum: the numerator.
+    Float arithmetic only (bool masks are slow on CPU), summed in task order as mergekit does.
     """
     import torch
 
     unit = all(w == 1.0 for w in weights)
     w = torch.tensor(weights, dtype=deltas.dtype).view(-1, *[1] * (deltas.dim() - 1))
-    weighted = deltas if unit else deltas * w
-    score = weighted.sum(0) if consensus == "sum" else weighted.sign().sum(0)
-    elected = torch.where(score >= 0, 1.0, -1.0)
-    agree = (weighted * elected) > 0
-    numerator = (weighted * agree).sum(0)
+    d = deltas if unit else deltas.mul_(w)
+    agree = d.sign()
+    score = d.sum(0) if consensus == "sum" else agree.sum(0)
+    elected = torch.ones_like(score).copysign_(score.add_(0.0))  # +1 where the score is 0 (or -0)
+    agree.mul_(elected).clamp_(min=0)  # 1 where d_k has the elected sign, else 0
+    numerator = d.mul_(agree).sum(0)
     if mode == "sum":
         return numerator
-    divisor = agree.sum(0, dtype=deltas.dtype) if unit else (w * agree).sum(0)
-    return numerator / torch.where(divisor == 0, 1.0, divisor)
+    divisor = agree.sum(0) if unit else agree.mul_(w).sum(0)
+    # Nothing agrees only where the numerator is 0 (agreeing entries have weight > 0): 0 / tiny = 0.
+    return numerator.div_(divisor.clamp_(min=torch.finfo(divisor.dtype).tiny))
 
 
 def per_tensor_cuts(source: TensorSource, density: float) -> list[Cut]:
@@ -85,28 +92,31 @@ def per_tensor_cuts(source: TensorSource, density: float) -> list[Cut]:
 
     def one(task: int) -> Cut:
         magnitudes = source.task_vector(task).abs_()
-        threshold = kth_largest(magnitudes, k)  # reorders `magnitudes`
+        threshold = kth_largest(magnitudes, k)  # partitions: the k largest now sit at the end
         if k <= 0 or k >= source.numel:
             return Cut(threshold)
-        above = int((magnitudes > threshold).count_nonzero())
-        ties = int((magnitudes == threshold).count_nonzero())
-        if above + ties == k:
+        kept, rest = magnitudes[source.numel - k:], magnitudes[:source.numel - k]
+        if float(rest.max()) < threshold:  # no tie beyond the k kept: >= threshold keeps exactly k
             return Cut(threshold)
+        above = int((kept > threshold).count_nonzero())
         return Cut(threshold, _nth_tie(source, task, threshold, k - above))
 
     return list(source.map(one, range(source.n_tasks)))
 
 
 def _nth_tie(source: TensorSource, task: int, threshold: float, n: int) -> int:
-    """Flat index of the n-th entry (1-based, in storage order) whose magnitude equals `threshold`."""
+    """Flat index of the n-th entry (1-based, in storage order) whose magnitude equals `threshold`; reads the
+    tensor again only up to that entry."""
+    import numpy as np
+
+    target = np.float32(threshold)
     seen = 0
     for i in range(len(source.row_ranges)):
         chunk = source.chunk(i, [task])
-        equal = (chunk.task_vectors()[0].abs_() == threshold).reshape(-1)
-        count = int(equal.count_nonzero())
-        if seen + count >= n:
-            return chunk.start + int(equal.nonzero()[n - seen - 1])
-        seen += count
+        ties = np.flatnonzero(chunk.task_vectors()[0].abs_().numpy().reshape(-1) == target)
+        if seen + ties.size >= n:
+            return chunk.start + int(ties[n - seen - 1])
+        seen += ties.size
     raise AssertionError("fewer ties than counted")
 
 
