@@ -270,31 +270,45 @@ def _poll_tree_rss(pid: int, stop: threading.Event, peak: list[int]) -> None:
         stop.wait(POLL_S)
 
 
+# The kernel's peak RSS of a process includes the RSS of the process it was forked from (Linux keeps the
+# pre-exec high-water mark), so a tool spawned straight from this benchmark, which holds merged tensors while
+# it compares outputs, would inherit this process's size. A small wrapper forks the tool instead and reports
+# the tool's own ru_maxrss.
+_WRAPPER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_measured(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> RunResult:
     """Run `cmd`, returning its wall time and peak RSS.
 
     Peak RSS is the larger of two readings:
-    * the kernel's high-water mark from `os.wait4` on this child: ru_maxrss of the child and of the
-      descendants it waited for. It never misses a short spike, but for a tree it is the largest single
-      process, not the sum. (`getrusage(RUSAGE_CHILDREN)` is not used: it is the maximum over *all* children
-      this benchmark has ever reaped, so every run after the largest would report the largest.)
-    * the sum of RSS over the process tree, sampled with psutil every 50 ms, which covers tools that fan out
-      into worker processes (where the sum is what the machine must hold) but can miss a spike between
-      samples.
+    * the kernel's high-water mark (ru_maxrss) of the tool's process, read by a small wrapper process that
+      forks it (see `_WRAPPER`). It never misses a short spike, but for a tree it is the largest single process.
+    * the sum of RSS over the tool's process tree, sampled with psutil every 50 ms, which covers tools that fan
+      out into worker processes (where the sum is what the machine must hold) but can miss a spike.
     """
+    peak_file = log.with_suffix(".maxrss")
     with log.open("wb") as out:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
+        proc = subprocess.Popen([sys.executable, "-c", _WRAPPER, str(peak_file), *cmd], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
         stop = threading.Event()
         peak = [0]
         poller = threading.Thread(target=_poll_tree_rss, args=(proc.pid, stop, peak), daemon=True)
         poller.start()
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc.wait()
         wall = time.perf_counter() - t0
         stop.set()
         poller.join()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    kernel_peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # Linux reports KiB
+    kernel_peak = int(peak_file.read_text()) * 1024 if peak_file.exists() else 0  # Linux reports KiB
     text = log.read_text(errors="replace")
     return RunResult(wall, max(kernel_peak, peak[0]) / 2**20, proc.returncode, text)
 

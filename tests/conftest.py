@@ -60,3 +60,43 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
     return path
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    from servers import SeaweedS3
+
+    server = SeaweedS3(tmp_path_factory.mktemp("s3")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory, s3_server):
+    """Redis, the API and a Celery worker, shared by the tests that leave them running as they found them."""
+    from servers import Service
+
+    from app.core.redis_server import RedisServer
+
+    root = tmp_path_factory.mktemp("service")
+    redis = RedisServer(root / "redis").start()
+    svc = Service(root, redis, s3_server)
+    try:
+        svc.start()
+    except Exception:
+        svc.stop()
+        redis.stop()
+        raise RuntimeError(svc.logs()) from None
+    yield svc
+    svc.stop()
+    redis.stop()
+
+
+@pytest.fixture(scope="session")
+def stored_family(tmp_path_factory, s3_server) -> dict[str, str]:
+    """The tiny BERT family uploaded to S3: name -> s3:// URI."""
+    family = build_bert_family(tmp_path_factory.mktemp("stored-bert"))
+    uris = {"base": s3_server.upload_folder(family.base, "models/base")}
+    for i, task in enumerate(family.tasks):
+        uris[f"task{i}"] = s3_server.upload_folder(task, f"models/task{i}")
+    return uris

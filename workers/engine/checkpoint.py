@@ -3,7 +3,6 @@ range, with plain positional reads: memory holds only what was asked for, never 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,10 +10,9 @@ from pathlib import Path
 import torch
 
 from workers.engine.errors import EngineError, ErrorCode
+from workers.engine.files import choose_weight_files, is_pickle, unsafe
 from workers.engine.safetensors_format import TensorInfo, read_header_file
 
-INDEX_FILE = "model.safetensors.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TORCH_DTYPES = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
     "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
@@ -22,19 +20,6 @@ TORCH_DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 SAFETENSORS_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
-CONVERT_HINT = (
-    "Convert it once, in an environment you trust, with: python -c \"from transformers import AutoModel; "
-    "AutoModel.from_pretrained('IN').save_pretrained('OUT', safe_serialization=True)\""
-)
-
-
-def _unsafe(path: Path) -> EngineError:
-    return EngineError(
-        ErrorCode.UNSAFE_FORMAT,
-        f"{path}: pickle checkpoints (.bin, .pt, .pth, .ckpt) are refused because loading them runs arbitrary "
-        f"code. {CONVERT_HINT}",
-        {"file": str(path)},
-    )
 
 
 def local_path(ref: str) -> Path:
@@ -51,40 +36,13 @@ def weight_files(root: Path) -> list[Path]:
     if not root.exists():
         raise EngineError(ErrorCode.INPUT_NOT_FOUND, f"{root}: no such file or folder", {"path": str(root)})
     if root.is_file():
-        if root.suffix in PICKLE_SUFFIXES:
-            raise _unsafe(root)
+        if is_pickle(root.name):
+            raise unsafe(str(root))
         if root.suffix != ".safetensors":
             raise EngineError(ErrorCode.INVALID_CHECKPOINT, f"{root}: not a .safetensors file", {"path": str(root)})
         return [root]
-    if (root / "adapter_config.json").exists():
-        raise EngineError(ErrorCode.INVALID_CHECKPOINT, f"{root}: this is a LoRA/PEFT adapter, not a full model; "
-                          "merge the adapter into its base first (peft: merge_and_unload)", {"path": str(root)})
-    index = root / INDEX_FILE
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise EngineError(ErrorCode.INVALID_CHECKPOINT, f"{index}: not a valid index ({exc})",
-                              {"file": str(index)}) from None
-        shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if not (root / s).is_file()]
-        if missing:
-            raise EngineError(ErrorCode.INPUT_NOT_FOUND, f"{index} names shards that are missing: "
-                              f"{', '.join(missing)}", {"missing": missing})
-        return [root / s for s in shards]
-    if (root / "model.safetensors").is_file():
-        return [root / "model.safetensors"]
-    found = sorted(root.glob("*.safetensors"))
-    if len(found) == 1:
-        return found
-    if found:
-        raise EngineError(ErrorCode.INVALID_CHECKPOINT, f"{root}: several .safetensors files and no {INDEX_FILE}; "
-                          "which are the weights?", {"files": [p.name for p in found]})
-    pickles = sorted(p for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise _unsafe(pickles[0])
-    raise EngineError(ErrorCode.INPUT_NOT_FOUND, f"{root}: no model.safetensors, {INDEX_FILE} or .safetensors file "
-                      "in this folder", {"path": str(root)})
+    names = {p.name for p in root.iterdir() if p.is_file()}
+    return [root / n for n in choose_weight_files(str(root), names, lambda n: (root / n).read_text())]
 
 
 @dataclass

@@ -67,9 +67,7 @@ def _methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mergeforge", description="Merge fine-tuned checkpoints of one base model.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_commands(sub: argparse._SubParsersAction) -> None:
     merge = sub.add_parser("merge", help="merge the checkpoints a SPEC (YAML or JSON) names into OUT_DIR")
     merge.add_argument("spec", type=Path)
     merge.add_argument("out_dir", type=Path)
@@ -78,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     methods = sub.add_parser("methods", help="list merge methods with their parameter JSON schema")
     methods.add_argument("--json", action="store_true", help="one JSON document")
     methods.set_defaults(run=_methods)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mergeforge", description="Merge fine-tuned checkpoints of one base model.")
+    add_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.run(args)
 

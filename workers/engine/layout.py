@@ -1,13 +1,14 @@
 """Decides, from headers alone, which tensors are merged, copied from the base, or kept per task, and refuses
-incompatible checkpoints with every problem listed before any tensor data is read."""
+incompatible checkpoints with every problem listed before any tensor data is read. Torch-free: the API runs the
+same check at submit time on registered checkpoints' headers."""
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
 
-from workers.engine.checkpoint import Checkpoint
 from workers.engine.errors import EngineError, ErrorCode
+from workers.engine.safetensors_format import TensorInfo
 from workers.engine.spec import MergeSpec
 
 LISTED = 20  # names shown per problem in a message; `detail` has them all
@@ -53,18 +54,24 @@ class Layout:
     alignments: list[Alignment]
 
 
-def plan_layout(spec: MergeSpec, base: Checkpoint, models: list[Checkpoint]) -> Layout:
-    base_names = set(base.tensors)
-    order = sorted(base.tensors, key=lambda n: (str(base.file_of[n]), base.tensors[n].start))
-    shared = [n for n in order if base.tensors[n].is_float and not spec.is_task_specific(n)]
+def storage_order(tensors: dict[str, TensorInfo]) -> list[str]:
+    """Names in file and offset order: reading them in this order is sequential."""
+    return sorted(tensors, key=lambda n: (tensors[n].file, tensors[n].start))
+
+
+def plan_layout(spec: MergeSpec, base: dict[str, TensorInfo], models: list[dict[str, TensorInfo]]) -> Layout:
+    """`base` and each of `models`: tensor name -> header info."""
+    base_names = set(base)
+    order = storage_order(base)
+    shared = [n for n in order if base[n].is_float and not spec.is_task_specific(n)]
     copied = [n for n in order if n not in set(shared)]
     alignments, model_names, heads = [], [], []
     missing: dict[str, list[str]] = {}
     mismatched: list[dict] = []
-    for ref, ckpt in zip(spec.models, models, strict=True):
-        alignment = align(base_names, set(ckpt.tensors))
+    for ref, tensors in zip(spec.models, models, strict=True):
+        alignment = align(base_names, set(tensors))
         own = {}
-        for name in ckpt.tensors:
+        for name in tensors:
             canonical = alignment.to_base(name)
             if canonical is not None and canonical in base_names:
                 own[canonical] = name
@@ -74,13 +81,13 @@ def plan_layout(spec: MergeSpec, base: Checkpoint, models: list[Checkpoint]) -> 
             missing[task] = absent
         for n in shared:
             if n in own:
-                info = ckpt.tensors[own[n]]
-                if info.shape != base.tensors[n].shape or not info.is_float:
+                info = tensors[own[n]]
+                if info.shape != base[n].shape or not info.is_float:
                     mismatched.append({"tensor": n, "model": task, "shape": list(info.shape), "dtype": info.dtype,
-                                       "base_shape": list(base.tensors[n].shape)})
+                                       "base_shape": list(base[n].shape)})
         alignments.append(alignment)
         model_names.append({n: own[n] for n in shared if n in own})
-        heads.append([name for name in ckpt.tensors
+        heads.append([name for name in tensors
                       if (c := alignment.to_base(name)) is None or c not in base_names or spec.is_task_specific(c)])
     problems = []
     for task, names in missing.items():

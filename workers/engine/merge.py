@@ -23,9 +23,10 @@ import torch
 from workers.engine import __version__, lwptv
 from workers.engine.allocator import tune_allocator
 from workers.engine.card import model_card
-from workers.engine.checkpoint import INDEX_FILE, PICKLE_SUFFIXES, TORCH_DTYPES, Checkpoint
+from workers.engine.checkpoint import TORCH_DTYPES, Checkpoint
 from workers.engine.errors import EngineError, ErrorCode
-from workers.engine.layout import Layout, plan_layout
+from workers.engine.files import INDEX_FILE, is_pickle
+from workers.engine.layout import Layout, plan_layout, storage_order
 from workers.engine.selection import global_thresholds
 from workers.engine.spec import MergeSpec
 from workers.engine.tensors import TensorSource
@@ -136,7 +137,7 @@ def _run(spec: MergeSpec, out_dir: Path, progress: ProgressFn | None, executor: 
     timings: dict[str, float] = {}
     base = Checkpoint.open(spec.base_model)
     models = [Checkpoint.open(m.model) for m in spec.models]
-    layout = plan_layout(spec, base, models)
+    layout = plan_layout(spec, base.tensors, [m.tensors for m in models])
     timings["validate_s"] = time.perf_counter() - started
     tmp = _prepare_out(out_dir)
     hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")
@@ -211,7 +212,7 @@ def _merge_into(spec: MergeSpec, base: Checkpoint, models: list[Checkpoint], lay
     t = time.perf_counter()
     tracker.enter("merge", f"merging with {spec.method}")
     by_name = {s.name: s for s in sources}
-    order = sorted(base.tensors, key=lambda n: (str(base.file_of[n]), base.tensors[n].start))
+    order = storage_order(base.tensors)
     planned = [Planned(n, out_dtype if base.tensors[n].is_float else TORCH_DTYPES[base.tensors[n].dtype],
                        base.tensors[n].shape) for n in order]
     writer = ShardedWriter(tmp, planned, spec.shard_bytes)
@@ -282,7 +283,7 @@ def _copy_side_files(base: Checkpoint, tmp: Path, out_dtype: torch.dtype) -> lis
         return copied
     for path in sorted(folder.iterdir()):
         if (not path.is_file() or path.name in _NOT_COPIED or path.suffix == ".safetensors"
-                or path.suffix in PICKLE_SUFFIXES or path.name.startswith(".")):
+                or is_pickle(path.name) or path.name.startswith(".")):
             continue
         target = tmp / path.name
         if path.name == "config.json":

@@ -33,6 +33,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     start: int  # absolute byte offset in the file
     nbytes: int
+    file: str = ""
 
     @property
     def numel(self) -> int:
@@ -99,7 +100,7 @@ def read_header(stream: BinaryIO, file_size: int, path: str) -> Header:
             raise _bad(path, f"tensor {name!r}: bytes {begin}..{end} lie past the end of the data "
                              f"({data_len} bytes); the file is truncated or its header lies")
         spans.append((begin, end, name))
-        tensors[name] = TensorInfo(name, dtype, tuple(shape), data_start + begin, end - begin)
+        tensors[name] = TensorInfo(name, dtype, tuple(shape), data_start + begin, end - begin, path)
     position = 0
     for begin, end, name in sorted(spans):
         if begin != position:

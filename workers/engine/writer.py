@@ -12,9 +12,8 @@ from pathlib import Path
 import torch
 
 from workers.engine.checkpoint import SAFETENSORS_NAMES
+from workers.engine.files import INDEX_FILE
 from workers.engine.safetensors_format import DTYPE_SIZES
-
-INDEX_FILE = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,15 @@
+"""The merge methods and their parameter JSON schemas, from the engine's registry (no torch imported)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.api.models import MethodOut
+from workers.engine.methods import all_methods
+
+router = APIRouter(prefix="/v1/methods", tags=["methods"])
+
+
+@router.get("", response_model=list[MethodOut], summary="List merge methods")
+def list_methods() -> list[MethodOut]:
+    return [MethodOut.model_validate(m.describe()) for m in all_methods().values()]

@@ -1,0 +1,310 @@
+"""The job record store: Redis, separate from Celery's broker keys. It is the source of truth for a job's status,
+progress, events and artifacts; Celery's result backend is not used.
+
+Keys (prefix `mf:`): `job:{id}` JSON record; `jobs:{tenant}` sorted set of ids (ids sort by creation time);
+`events:{id}` a stream (its entry ids are the event cursors and SSE ids); `idem:{tenant}:{key}` idempotency;
+`lease:{id}` the running worker's lease; `running` sorted set of lease deadlines, for the reaper;
+`ckpt:{id}` and `ckpts:{tenant}` registered checkpoints; `worker:{name}` heartbeats; `stats:status` counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import suppress
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, Field
+from redis import Redis, WatchError
+
+_B32 = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+class Status(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = {Status.SUCCEEDED, Status.FAILED, Status.CANCELLED}
+
+
+def new_id(prefix: str) -> str:
+    """Time-sortable ids (48-bit ms clock + 40 random bits, Crockford base32): listing order is creation order."""
+    value = (int(time.time() * 1000) << 40) | secrets.randbits(40)
+    chars = []
+    for _ in range(18):
+        chars.append(_B32[value & 31])
+        value >>= 5
+    return f"{prefix}_{''.join(reversed(chars))}"
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class Artifact(BaseModel):
+    path: str
+    uri: str
+    size: int
+    sha256: str
+
+
+class JobRecord(BaseModel):
+    id: str
+    tenant: str
+    status: Status = Status.QUEUED
+    stage: str = "queued"
+    progress: float = 0.0
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    spec: dict[str, Any]
+    queue: str
+    output: str  # the URI prefix this job's artifacts go under: {output}/attempt-{n}/
+    metadata: dict[str, str] = Field(default_factory=dict)
+    webhook_url: str | None = None
+    error: JobError | None = None
+    artifacts: list[Artifact] = Field(default_factory=list)
+    artifacts_prefix: str | None = None
+    attempts: int = 0
+    cancel_requested: bool = False
+
+
+class Event(BaseModel):
+    id: str
+    time: datetime
+    stage: str
+    fraction: float
+    message: str = ""
+    status: Status | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class CheckpointRecord(BaseModel):
+    id: str
+    tenant: str
+    uri: str
+    created_at: datetime
+    files: list[dict[str, Any]]
+    tensors: dict[str, dict[str, Any]]  # name -> {dtype, shape}
+    size: int
+    config: dict[str, Any] | None = None
+
+
+class IdempotencyConflict(Exception):
+    """The key was used before with a different body."""
+
+
+class JobStore:
+    def __init__(self, redis: Redis, event_ttl_s: int = 30 * 24 * 3600, idempotency_ttl_s: int = 24 * 3600):
+        self.r = redis
+        self.event_ttl_s = event_ttl_s
+        self.idempotency_ttl_s = idempotency_ttl_s
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> JobStore:
+        redis = Redis.from_url(url, decode_responses=True, health_check_interval=10,
+                               socket_connect_timeout=5, socket_timeout=30, retry_on_timeout=True)
+        return cls(redis, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------- jobs
+    def create(self, record: JobRecord, idempotency_key: str | None = None,
+               body_hash: str | None = None) -> tuple[JobRecord, bool]:
+        """Store a new job, or return the one an idempotency key already names (created=False)."""
+        if idempotency_key:
+            idem = f"mf:idem:{record.tenant}:{idempotency_key}"
+            claim = json.dumps({"hash": body_hash, "job": record.id})
+            if not self.r.set(idem, claim, nx=True, ex=self.idempotency_ttl_s):
+                existing = json.loads(self.r.get(idem) or "{}")
+                if existing.get("hash") != body_hash:
+                    raise IdempotencyConflict(idempotency_key)
+                job = self.get(existing["job"])
+                if job is not None:
+                    return job, False
+                self.r.set(idem, claim, ex=self.idempotency_ttl_s)
+        with self.r.pipeline() as pipe:
+            pipe.set(f"mf:job:{record.id}", record.model_dump_json())
+            pipe.zadd(f"mf:jobs:{record.tenant}", {record.id: 0})
+            pipe.hincrby("mf:stats:status", record.status.value, 1)
+            pipe.execute()
+        self.add_event(record.id, "queued", 0.0, "job accepted", status=Status.QUEUED)
+        return record, True
+
+    def get(self, job_id: str) -> JobRecord | None:
+        raw = self.r.get(f"mf:job:{job_id}")
+        return JobRecord.model_validate_json(raw) if raw else None
+
+    def list(self, tenant: str, status: Status | None, limit: int, after: str | None) -> list[JobRecord]:
+        """Newest first; `after` is the id of the last job of the previous page."""
+        out: list[JobRecord] = []
+        upper = f"({after}" if after else "+"
+        while len(out) < limit:
+            ids = self.r.zrevrangebylex(f"mf:jobs:{tenant}", upper, "-", start=0, num=max(limit, 50))
+            if not ids:
+                break
+            raws = self.r.mget([f"mf:job:{i}" for i in ids])
+            for raw in raws:
+                if raw:
+                    job = JobRecord.model_validate_json(raw)
+                    if status is None or job.status == status:
+                        out.append(job)
+                        if len(out) == limit:
+                            break
+            upper = f"({ids[-1]}"
+        return out
+
+    def update(self, job_id: str, *, allowed: set[Status] | None = None, **fields: Any) -> JobRecord | None:
+        """Apply `fields` atomically, only if the job exists and (when given) its status is in `allowed`."""
+        key = f"mf:job:{job_id}"
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if not raw:
+                        return None
+                    job = JobRecord.model_validate_json(raw)
+                    if allowed is not None and job.status not in allowed:
+                        return None
+                    updated = job.model_copy(update=fields)
+                    pipe.multi()
+                    pipe.set(key, updated.model_dump_json())
+                    if updated.status != job.status:
+                        pipe.hincrby("mf:stats:status", job.status.value, -1)
+                        pipe.hincrby("mf:stats:status", updated.status.value, 1)
+                    pipe.execute()
+                    if updated.status != job.status:
+                        self.add_event(job_id, updated.stage, updated.progress, f"status {updated.status.value}",
+                                       status=updated.status)
+                    return updated
+                except WatchError:
+                    continue
+
+    def request_cancel(self, job_id: str) -> JobRecord | None:
+        """queued -> cancelled now; running -> cancelling (the worker stops at its next tensor or step)."""
+        job = self.update(job_id, allowed={Status.QUEUED}, status=Status.CANCELLED, stage="cancelled",
+                          finished_at=now(), cancel_requested=True)
+        if job is None:
+            job = self.update(job_id, allowed={Status.RUNNING}, status=Status.CANCELLING, cancel_requested=True)
+        return job
+
+    def delete(self, job: JobRecord) -> None:
+        with self.r.pipeline() as pipe:
+            pipe.delete(f"mf:job:{job.id}", f"mf:events:{job.id}", f"mf:lease:{job.id}")
+            pipe.zrem(f"mf:jobs:{job.tenant}", job.id)
+            pipe.zrem("mf:running", job.id)
+            pipe.hincrby("mf:stats:status", job.status.value, -1)
+            pipe.execute()
+
+    def status_counts(self) -> dict[str, int]:
+        return {k: int(v) for k, v in self.r.hgetall("mf:stats:status").items()}
+
+    # --------------------------------------------------------------------------------------------- events
+    def add_event(self, job_id: str, stage: str, fraction: float, message: str = "",
+                  status: Status | None = None, metrics: dict[str, Any] | None = None) -> str:
+        fields = {"time": now().isoformat(), "stage": stage, "fraction": f"{fraction:.6f}", "message": message,
+                  "status": status.value if status else "", "metrics": json.dumps(metrics or {})}
+        key = f"mf:events:{job_id}"
+        with self.r.pipeline() as pipe:
+            pipe.xadd(key, fields)
+            pipe.expire(key, self.event_ttl_s)
+            event_id, _ = pipe.execute()
+        return event_id
+
+    @staticmethod
+    def _event(entry_id: str, fields: dict[str, str]) -> Event:
+        return Event(id=entry_id, time=fields["time"], stage=fields["stage"], fraction=float(fields["fraction"]),
+                     message=fields.get("message", ""), status=fields.get("status") or None,
+                     metrics=json.loads(fields.get("metrics") or "{}"))
+
+    def events(self, job_id: str, after: str | None, limit: int) -> list[Event]:
+        start = f"({after}" if after else "-"
+        return [self._event(i, f) for i, f in self.r.xrange(f"mf:events:{job_id}", start, "+", count=limit)]
+
+    def follow(self, job_id: str, after: str | None, block_ms: int = 15000) -> Iterator[Event | None]:
+        """Events as they come; None after each quiet `block_ms` (a keep-alive point for SSE)."""
+        last = after or "0-0"
+        while True:
+            reply = self.r.xread({f"mf:events:{job_id}": last}, count=100, block=block_ms)
+            if not reply:
+                yield None
+                continue
+            for entry_id, fields in reply[0][1]:
+                last = entry_id
+                yield self._event(entry_id, fields)
+
+    # --------------------------------------------------------------------------------------------- leases
+    def acquire_lease(self, job_id: str, owner: str, ttl_s: int) -> bool:
+        """One worker at a time runs a job; a lease left by a dead worker expires and can be taken."""
+        key = f"mf:lease:{job_id}"
+        if self.r.set(key, owner, nx=True, ex=ttl_s) or self.r.get(key) == owner:
+            self.r.expire(key, ttl_s)
+            self.r.zadd("mf:running", {job_id: time.time() + ttl_s})
+            return True
+        return False
+
+    def refresh_lease(self, job_id: str, owner: str, ttl_s: int) -> bool:
+        key = f"mf:lease:{job_id}"
+        if self.r.get(key) != owner:
+            return False
+        self.r.expire(key, ttl_s)
+        self.r.zadd("mf:running", {job_id: time.time() + ttl_s})
+        return True
+
+    def release_lease(self, job_id: str, owner: str) -> None:
+        key = f"mf:lease:{job_id}"
+        if self.r.get(key) == owner:
+            self.r.delete(key)
+        self.r.zrem("mf:running", job_id)
+
+    def expired_leases(self) -> list[str]:
+        return list(self.r.zrangebyscore("mf:running", "-inf", time.time()))
+
+    def claim_requeue(self, job_id: str) -> bool:
+        """Exactly one reaper requeues a job whose lease expired."""
+        return bool(self.r.zrem("mf:running", job_id)) and not self.r.exists(f"mf:lease:{job_id}")
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+    def put_checkpoint(self, record: CheckpointRecord) -> None:
+        with self.r.pipeline() as pipe:
+            pipe.set(f"mf:ckpt:{record.id}", record.model_dump_json())
+            pipe.zadd(f"mf:ckpts:{record.tenant}", {record.id: 0})
+            pipe.execute()
+
+    def get_checkpoint(self, checkpoint_id: str) -> CheckpointRecord | None:
+        raw = self.r.get(f"mf:ckpt:{checkpoint_id}")
+        return CheckpointRecord.model_validate_json(raw) if raw else None
+
+    def list_checkpoints(self, tenant: str, limit: int, after: str | None) -> list[CheckpointRecord]:
+        upper = f"({after}" if after else "+"
+        ids = self.r.zrevrangebylex(f"mf:ckpts:{tenant}", upper, "-", start=0, num=limit)
+        raws = self.r.mget([f"mf:ckpt:{i}" for i in ids]) if ids else []
+        return [CheckpointRecord.model_validate_json(r) for r in raws if r]
+
+    # -------------------------------------------------------------------------------------------- workers
+    def heartbeat(self, name: str, info: dict[str, Any], ttl_s: int = 30) -> None:
+        self.r.set(f"mf:worker:{name}", json.dumps({**info, "pid": os.getpid(), "seen": time.time()}), ex=ttl_s)
+
+    def live_workers(self) -> list[dict[str, Any]]:
+        keys = list(self.r.scan_iter("mf:worker:*", count=100))
+        return [json.loads(v) for v in self.r.mget(keys) if v] if keys else []
+
+    def ping(self) -> bool:
+        with suppress(Exception):
+            return bool(self.r.ping())
+        return False

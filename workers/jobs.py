@@ -1,0 +1,234 @@
+"""Runs one merge job end to end: lease, fetch inputs into the cache, run the engine, upload artifacts under an
+attempt-scoped prefix with the manifest last, and record the outcome. Celery only delivers the job id; a
+redelivered or duplicate message finds the record and does nothing twice."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+from app.core.config import Settings
+from app.core.jobstore import TERMINAL, Artifact, JobRecord, JobStore, Status, now
+from app.core.metrics import record_duration
+from app.core.storage import Storages, TransientStorageError, join
+from workers.cache import CheckpointCache
+from workers.engine.errors import EngineError, ErrorCode
+from workers.engine.spec import MergeSpec
+
+log = logging.getLogger(__name__)
+MANIFEST = "merge_manifest.json"
+FETCH, MERGE = 0.1, 0.85  # shares of the progress bar: fetch, merge, then upload
+
+
+class Cancelled(Exception):
+    pass
+
+
+class LeaseLost(Exception):
+    """Another worker took the job over (this one was presumed dead): stop without writing anything."""
+
+
+class JobRunner:
+    def __init__(self, settings: Settings, store: JobStore, storages: Storages):
+        self.settings, self.store, self.storages = settings, store, storages
+        self.cache = CheckpointCache(settings.cache_dir, settings.cache_max_bytes)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+    def run(self, job_id: str) -> None:
+        """Raises TransientStorageError for the caller to retry with backoff; every other failure is recorded."""
+        job = self.store.get(job_id)
+        if job is None or job.status in TERMINAL:
+            return
+        if job.cancel_requested:
+            self._finish(job, Status.CANCELLED, "cancelled")
+            return
+        if not self.store.acquire_lease(job_id, self.owner, self.settings.lease_s):
+            log.info("job %s is leased by another worker; skipping this delivery", job_id)
+            return
+        workdir = self.settings.work_dir / job_id / self.owner.replace(":", "-")
+        try:
+            started = self.store.update(job_id, allowed={Status.QUEUED, Status.RUNNING}, status=Status.RUNNING,
+                                        stage="fetch", progress=0.0, attempts=job.attempts + 1,
+                                        started_at=job.started_at or now(), error=None)
+            if started is None:  # cancelled meanwhile
+                job = self.store.get(job_id)
+                if job is not None and job.status == Status.CANCELLING:
+                    self._finish(job, Status.CANCELLED, "cancelled")
+                return
+            self._attempt(started, workdir)
+        except Cancelled:
+            self._finish(self.store.get(job_id) or job, Status.CANCELLED, "cancelled")
+        except LeaseLost:
+            log.warning("job %s was taken over by another worker; this attempt stops", job_id)
+        except EngineError as exc:
+            self._fail(job_id, exc.code.value, exc.message, exc.detail)
+        except TransientStorageError:
+            self.store.update(job_id, allowed={Status.RUNNING}, status=Status.QUEUED, stage="retrying")
+            raise
+        except Exception as exc:
+            if type(exc).__name__ == "SoftTimeLimitExceeded":
+                limit = self.settings.job_soft_time_limit_s
+                self._fail(job_id, "timeout", f"the job ran past its time limit ({limit} s)")
+            else:
+                log.exception("job %s failed", job_id)
+                self._fail(job_id, ErrorCode.INTERNAL.value, f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            self.store.release_lease(job_id, self.owner)
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def _attempt(self, job: JobRecord, workdir: Path) -> None:
+        from workers.engine.merge import Progress, run_merge
+
+        prefix = join(job.output, f"attempt-{job.attempts}")
+        storage = self.storages.for_uri(job.output)
+        for older in range(1, job.attempts):  # a lost attempt may have left a partial upload
+            storage.delete_prefix(join(job.output, f"attempt-{older}"))
+        spec = MergeSpec.model_validate(job.spec)
+        refs = [spec.base_model, *(m.model for m in spec.models)]
+        local = [self._fetch(job, ref, workdir / "inputs" / str(i), i / len(refs)) for i, ref in enumerate(refs)]
+        local_spec = spec.model_copy(update={
+            "base_model": str(local[0]),
+            "models": [m.model_copy(update={"model": str(p), "name": m.task_name()})
+                       for m, p in zip(spec.models, local[1:], strict=True)]})
+        beat = _Beat(self, job.id)
+
+        def on_progress(p: Progress) -> None:
+            beat(p.stage, FETCH + MERGE * p.fraction, p.message)
+
+        out = workdir / "out"
+        self._event(job.id, "merge", FETCH, f"merging with {spec.method}")
+        run_merge(local_spec, out, on_progress)
+        self._upload(job, out, prefix, storage, beat)
+
+    def _fetch(self, job: JobRecord, ref: str, dest: Path, share: float) -> Path:
+        uri = ref
+        if ref.startswith("ckpt_"):
+            record = self.store.get_checkpoint(ref)
+            if record is None or record.tenant != job.tenant:
+                raise EngineError(ErrorCode.INPUT_NOT_FOUND, f"no registered checkpoint {ref}", {"checkpoint": ref})
+            uri = record.uri
+        self._check_cancel(job.id)
+        self._event(job.id, "fetch", FETCH * share, f"fetching {uri}")
+        path, _ = self.cache.materialize(self.storages.for_uri(uri), uri, dest)
+        return path
+
+    def _upload(self, job: JobRecord, out: Path, prefix: str, storage: Any, beat: _Beat) -> None:
+        manifest = json.loads((out / MANIFEST).read_text())
+        files = manifest["outputs"]
+        total = sum(f["size"] for f in files) or 1
+        done = 0
+        artifacts = []
+        for f in files:  # every file first, the manifest last: a prefix without it is not a finished merge
+            self._hold_lease(job.id)
+            uri = join(prefix, f["path"])
+            storage.upload(out / f["path"], uri)
+            artifacts.append(Artifact(path=f["path"], uri=uri, size=f["size"], sha256=f["sha256"]))
+            done += f["size"]
+            beat("upload", FETCH + MERGE + (1 - FETCH - MERGE) * done / total, f"uploaded {f['path']}")
+        manifest_path = out / MANIFEST
+        self._hold_lease(job.id)
+        storage.upload(manifest_path, join(prefix, MANIFEST))
+        digest = hashlib.sha256(manifest_path.read_bytes()).hexdigest()
+        artifacts.append(Artifact(path=MANIFEST, uri=join(prefix, MANIFEST), size=manifest_path.stat().st_size,
+                                  sha256=digest))
+        finished = self.store.update(job.id, allowed={Status.RUNNING, Status.CANCELLING}, status=Status.SUCCEEDED,
+                                     stage="succeeded", progress=1.0, finished_at=now(), artifacts=artifacts,
+                                     artifacts_prefix=prefix)
+        if finished is None:  # cancelled or taken over meanwhile: this attempt's files are not the job's
+            storage.delete_prefix(prefix)
+            raise LeaseLost()
+        self._ended(finished)
+
+    # ------------------------------------------------------------------------------------------- helpers
+    def _event(self, job_id: str, stage: str, fraction: float, message: str) -> None:
+        try:
+            self.store.update(job_id, allowed={Status.RUNNING, Status.CANCELLING}, stage=stage, progress=fraction)
+            self.store.add_event(job_id, stage, fraction, message)
+        except Exception:  # Redis restarting: progress is best effort, the merge goes on
+            log.warning("could not record progress of %s", job_id, exc_info=True)
+
+    def _hold_lease(self, job_id: str) -> None:
+        if not self.store.refresh_lease(job_id, self.owner, self.settings.lease_s):
+            raise LeaseLost()
+
+    def _check_cancel(self, job_id: str) -> None:
+        job = self.store.get(job_id)
+        if job is None or job.cancel_requested:
+            raise Cancelled()
+
+    def _fail(self, job_id: str, code: str, message: str, detail: dict[str, Any] | None = None) -> None:
+        job = self.store.update(job_id, allowed={Status.QUEUED, Status.RUNNING, Status.CANCELLING},
+                                status=Status.FAILED, stage="failed", finished_at=now(),
+                                error={"code": code, "message": message, "detail": detail or {}})
+        if job is not None:
+            self._ended(job)
+
+    def _finish(self, job: JobRecord, status: Status, stage: str) -> None:
+        storage = self.storages.for_uri(job.output)
+        for attempt in range(1, job.attempts + 1):
+            storage.delete_prefix(join(job.output, f"attempt-{attempt}"))
+        ended = self.store.update(job.id, allowed={Status.QUEUED, Status.RUNNING, Status.CANCELLING}, status=status,
+                                  stage=stage, finished_at=now())
+        if ended is not None:
+            self._ended(ended)
+
+    def _ended(self, job: JobRecord) -> None:
+        if job.started_at and job.finished_at:
+            record_duration(self.store, job.status.value, (job.finished_at - job.started_at).total_seconds())
+        if job.webhook_url:
+            deliver_webhook(self.store, job)
+
+
+class _Beat:
+    """Throttled progress: the record at most twice a second, an event a second or on a stage change; the lease
+    is refreshed and cancellation checked on the way (raising Cancelled stops the engine between tensors)."""
+
+    def __init__(self, runner: JobRunner, job_id: str):
+        self.runner, self.job_id = runner, job_id
+        self.last_event = self.last_check = 0.0
+        self.stage = ""
+
+    def __call__(self, stage: str, fraction: float, message: str) -> None:
+        t = time.monotonic()
+        if stage != self.stage or t - self.last_event >= 1.0:
+            self.stage, self.last_event = stage, t
+            self.runner._event(self.job_id, stage, fraction, message)
+        if t - self.last_check >= 0.5:
+            self.last_check = t
+            try:
+                self.runner.store.refresh_lease(self.job_id, self.runner.owner, self.runner.settings.lease_s)
+                job = self.runner.store.get(self.job_id)
+            except Exception:
+                log.warning("could not reach the job store for %s", self.job_id, exc_info=True)
+                return
+            if job is None or job.cancel_requested:
+                raise Cancelled()
+
+
+def deliver_webhook(store: JobStore, job: JobRecord, attempts: int = 3) -> None:
+    """POST the ended job to its webhook, with retries; the outcome is a job event, never a job failure."""
+    body = json.dumps({"event": f"merge.{job.status.value}", "job": json.loads(job.model_dump_json(
+        exclude={"tenant"}))}).encode()
+    for attempt in range(attempts):
+        try:
+            request = urllib.request.Request(job.webhook_url, data=body, method="POST",
+                                             headers={"Content-Type": "application/json",
+                                                      "User-Agent": "mergeforge-webhook"})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                store.add_event(job.id, "webhook", 1.0, f"webhook answered {response.status}")
+                return
+        except Exception as exc:
+            if attempt == attempts - 1:
+                store.add_event(job.id, "webhook", 1.0, f"webhook failed: {exc}")
+                return
+            time.sleep(2 ** attempt)
