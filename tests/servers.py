@@ -162,7 +162,8 @@ class Service:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {KEYS[tenant]}"}, timeout=30)
 
     def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in sorted(self.root.glob("*.log")))
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}"
+                         for p in sorted(self.root.glob("*.log")))
 
 
 def wait_for_job(client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 120) -> dict:
