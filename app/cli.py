@@ -15,9 +15,7 @@ from pathlib import Path
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from app.core.config import Settings
     from app.core.redis_server import RedisServer
-    from app.main import create_app
 
     loopback = args.host in ("localhost",) or ipaddress.ip_address(
         "127.0.0.1" if args.host == "localhost" else args.host).is_loopback
@@ -37,6 +35,9 @@ def _serve(args: argparse.Namespace) -> int:
         "MERGEFORGE_ALLOW_ANONYMOUS": "false" if keys else "true",
     }
     os.environ.update(env)
+    from app.core.config import Settings  # settings are read from the environment just set
+    from app.main import create_app
+
     worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.celery_app:celery_app", "worker",
                                "-Q", "cpu,gpu", "--concurrency", str(args.workers), "--loglevel", "warning",
                                "-n", "embedded@%h"], env=env)

@@ -1,4 +1,6 @@
-"""The FastAPI application: validates and enqueues; never imports torch."""
+"""The FastAPI application: validates and enqueues; never imports torch.
+
+Run it with `uvicorn --factory app.main:create_app`: settings are read when the app is created, not at import."""
 
 from __future__ import annotations
 
@@ -39,6 +41,3 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return response
 
     return app
-
-
-app = create_app()
