@@ -95,7 +95,9 @@ class JobRunner:
             storage.delete_prefix(join(job.output, f"attempt-{older}"))
         spec = MergeSpec.model_validate(job.spec)
         refs = [spec.base_model, *(m.model for m in spec.models)]
-        local = [self._fetch(job, ref, workdir / "inputs" / str(i), i / len(refs)) for i, ref in enumerate(refs)]
+        known: dict[Path, str] = {}
+        local = [self._fetch(job, ref, workdir / "inputs" / str(i), i / len(refs), known)
+                 for i, ref in enumerate(refs)]
         local_spec = spec.model_copy(update={
             "base_model": str(local[0]),
             "models": [m.model_copy(update={"model": str(p), "name": m.task_name()})
@@ -107,10 +109,10 @@ class JobRunner:
 
         out = workdir / "out"
         self._event(job.id, "merge", FETCH, f"merging with {spec.method}")
-        run_merge(local_spec, out, on_progress)
+        run_merge(local_spec, out, on_progress, known_sha256=known)
         self._upload(job, out, prefix, storage, beat)
 
-    def _fetch(self, job: JobRecord, ref: str, dest: Path, share: float) -> Path:
+    def _fetch(self, job: JobRecord, ref: str, dest: Path, share: float, known: dict[Path, str]) -> Path:
         uri = ref
         if ref.startswith("ckpt_"):
             record = self.store.get_checkpoint(ref)
@@ -119,7 +121,8 @@ class JobRunner:
             uri = record.uri
         self._check_cancel(job.id)
         self._event(job.id, "fetch", FETCH * share, f"fetching {uri}")
-        path, _ = self.cache.materialize(self.storages.for_uri(uri), uri, dest)
+        path, digests = self.cache.materialize(self.storages.for_uri(uri), uri, dest)
+        known.update({dest / name: digest for name, digest in digests.items()})
         return path
 
     def _upload(self, job: JobRecord, out: Path, prefix: str, storage: Any, beat: _Beat) -> None:

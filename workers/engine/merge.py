@@ -10,7 +10,7 @@ import shutil
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -79,12 +79,13 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _input_digests(role: str, name: str, ckpt: Checkpoint) -> dict[str, Any]:
+def _input_digests(role: str, name: str, ckpt: Checkpoint, known: Mapping[Path, str]) -> dict[str, Any]:
     files = list(ckpt.files)
     if ckpt.folder and (ckpt.folder / "config.json").exists():
         files.append(ckpt.folder / "config.json")
     return {"role": role, "name": name, "model": ckpt.ref,
-            "files": [{"path": p.name, "sha256": _sha256(p), "size": p.stat().st_size} for p in files]}
+            "files": [{"path": p.name, "sha256": known.get(p) or _sha256(p), "size": p.stat().st_size}
+                      for p in files]}
 
 
 def _base_dtype(base: Checkpoint) -> torch.dtype:
@@ -122,17 +123,18 @@ def _single_threaded_ops():
 
 
 def run_merge(spec: MergeSpec, out_dir: str | Path, progress: ProgressFn | None = None,
-              threads: int | None = None) -> MergeResult:
+              threads: int | None = None, known_sha256: Mapping[Path, str] | None = None) -> MergeResult:
     """Merge as `spec` says into `out_dir`, which must not exist yet (or be empty). `progress` is called often
-    with the stage and overall fraction; raising from it cancels the merge and leaves nothing behind."""
+    with the stage and overall fraction; raising from it cancels the merge and leaves nothing behind.
+    `known_sha256` spares hashing input files whose digest the caller already has (a content-addressed cache)."""
     threads = threads or default_threads()
     tune_allocator()
     with ThreadPoolExecutor(threads, thread_name_prefix="merge") as executor, _single_threaded_ops():
-        return _run(spec, Path(out_dir), progress, executor, threads)
+        return _run(spec, Path(out_dir), progress, executor, threads, known_sha256 or {})
 
 
 def _run(spec: MergeSpec, out_dir: Path, progress: ProgressFn | None, executor: ThreadPoolExecutor,
-         threads: int) -> MergeResult:
+         threads: int, known: Mapping[Path, str]) -> MergeResult:
     started = time.perf_counter()
     timings: dict[str, float] = {}
     base = Checkpoint.open(spec.base_model)
@@ -143,8 +145,8 @@ def _run(spec: MergeSpec, out_dir: Path, progress: ProgressFn | None, executor: 
     hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")
     digests = []
     try:
-        digests += [hasher.submit(_input_digests, "base", "base", base)]
-        digests += [hasher.submit(_input_digests, "model", m.task_name(), c)
+        digests += [hasher.submit(_input_digests, "base", "base", base, known)]
+        digests += [hasher.submit(_input_digests, "model", m.task_name(), c, known)
                     for m, c in zip(spec.models, models, strict=True)]
         manifest = _merge_into(spec, base, models, layout, tmp, progress, timings, executor, 2 * threads)
         manifest["inputs"] = [d.result() for d in digests]
