@@ -483,6 +483,24 @@ async def run_load(url: str, api_key: str, args: argparse.Namespace, uris: list[
     return result
 
 
+async def warm_up(url: str, api_key: str, args: argparse.Namespace, uris: list[str]) -> None:
+    """`--warmup` jobs at once, waited for: a worker's first job imports the engine (torch), which no later one
+    pays. Problems here are not counted; the measured runs will show them."""
+    print(f"warm-up: {args.warmup} untimed jobs", file=sys.stderr, flush=True)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {api_key}"},
+                                 timeout=httpx.Timeout(args.timeout)) as client:
+        bodies = [job_body(args, uris, "warmup", i) for i in range(args.warmup)]
+        answers = await asyncio.gather(*(client.post("/v1/merges", json=b) for b in bodies))
+        pending = {a.json()["id"] for a in answers if a.status_code == 202}
+        deadline = time.perf_counter() + 300
+        while pending and time.perf_counter() < deadline:
+            await asyncio.sleep(0.5)
+            for job_id in list(pending):
+                response = await client.get(f"/v1/merges/{job_id}")
+                if response.status_code != 200 or response.json()["status"] in TERMINAL:
+                    pending.discard(job_id)
+
+
 # --------------------------------------------------------------------------------------------------- reporting
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile."""
@@ -590,7 +608,8 @@ def report(results: list[RunResult], args: argparse.Namespace, stack_desc: str, 
         codes.update(r.http_codes)
     options = (f"--jobs {args.jobs} --clients {args.clients} --workers {args.workers} --method {args.method} "
                f"--replay {args.replay} --retries {args.retries} --repeats {args.repeats} --deadline {args.deadline:g}"
-               f" --poll-interval {args.poll_interval:g} --timeout {args.timeout:g}{' --s3' if args.s3 else ''}")
+               f" --poll-interval {args.poll_interval:g} --timeout {args.timeout:g} --warmup {args.warmup}"
+               f"{' --s3' if args.s3 else ''}")
     lines = [
         "MergeForge API load benchmark",
         f"machine: {machine()}",
@@ -650,6 +669,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between listings (default 1)")
     p.add_argument("--timeout", type=float, default=60.0, help="HTTP timeout per request, seconds (default 60)")
     p.add_argument("--repeats", type=int, default=1, help="runs on the same stack; the table adds the median")
+    p.add_argument("--warmup", type=int, help="untimed jobs run to the end first, so each worker has imported the "
+                   "engine (default: 2 per worker; 0: none)")
     p.add_argument("--url", help="benchmark this running service instead of starting one")
     p.add_argument("--api-key", default=os.environ.get("MERGEFORGE_BENCH_API_KEY"),
                    help="with --url: the API key (default: $MERGEFORGE_BENCH_API_KEY)")
@@ -661,6 +682,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.jobs < 1 or args.clients < 1 or args.workers < 1 or args.repeats < 1:
         p.error("--jobs, --clients, --workers and --repeats are at least 1")
+    if args.warmup is None:
+        args.warmup = 2 * args.workers
     if args.url and not args.api_key:
         p.error("--url needs --api-key (or $MERGEFORGE_BENCH_API_KEY)")
     if args.url and not (args.checkpoints or args.family_dir):
@@ -706,6 +729,8 @@ def main(argv: list[str] | None = None) -> int:
             stack_desc = (f"started here in {time.perf_counter() - t0:.1f} s: Redis (Valkey), "
                           f"{'SeaweedFS S3' if args.s3 else 'file:// storage'}, {args.workers} Celery worker(s) x "
                           "concurrency 1, API: uvicorn, 1 process")
+        if args.warmup:
+            asyncio.run(warm_up(url, api_key, args, uris))
         for repeat in range(1, args.repeats + 1):
             results.append(asyncio.run(run_load(url, api_key, args, uris, repeat)))
         dead = stack.dead() if stack else []

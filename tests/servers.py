@@ -107,7 +107,7 @@ class Service:
             "MERGEFORGE_FILE_ROOTS": json.dumps([str(self.root)]),
             "MERGEFORGE_CACHE_DIR": str(self.root / "cache"),
             "MERGEFORGE_WORK_DIR": str(self.root / "work"),
-            "MERGEFORGE_LEASE_S": "4",
+            "MERGEFORGE_LEASE_S": "6",
             "MERGEFORGE_VISIBILITY_TIMEOUT_S": "120",
             **self.extra_env,
         }

@@ -12,9 +12,10 @@ from safetensors.torch import save_file
 
 # 96 tensors of 512x512 float32: 96 MiB per model, 4 models. With SLOW_SPEC (LwPTV saliency: 3 passes, global TIES
 # thresholds: 2 passes, the merge: 1 pass) the engine reads ~2.3 GiB and runs well over 5 s on two shared cores.
-N_TENSORS = 128
+N_TENSORS = 96
 SHAPE = (512, 512)
 N_TASKS = 3
+NOISE_POOL = 17
 N_DENSITIES = 6  # overrides with distinct global densities: two threshold passes each
 
 
@@ -23,8 +24,12 @@ def build_slow_family(root: Path, n_tensors: int = N_TENSORS, n_tasks: int = N_T
     generator = torch.Generator().manual_seed(seed)
     base = {f"layers.{i}.weight": torch.randn(SHAPE, generator=generator) * 0.02 for i in range(n_tensors)}
     folders = {"base": _write(root / "base", base)}
+    # Task vectors drawn from a small pool of noise tensors at varying scales: cheap to build, and layers differ
+    # enough in magnitude that LwPTV has something to rank.
+    pool = [torch.randn(SHAPE, generator=generator) for _ in range(NOISE_POOL)]
     for k in range(n_tasks):
-        task = {name: t + torch.randn(SHAPE, generator=generator) * 0.002 for name, t in base.items()}
+        task = {name: t + pool[(i * (k + 1)) % NOISE_POOL] * (0.001 * (1 + (i + k) % 4))
+                for i, (name, t) in enumerate(base.items())}
         folders[f"task{k}"] = _write(root / f"task{k}", task)
     return folders
 

@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import time
 import urllib.request
 import uuid
@@ -56,6 +57,8 @@ class JobRunner:
             log.info("job %s is leased by another worker; skipping this delivery", job_id)
             return
         workdir = self.settings.work_dir / job_id / self.owner.replace(":", "-")
+        self.keeper = _LeaseKeeper(self.store, job_id, self.owner, self.settings.lease_s)
+        self.keeper.start()
         try:
             started = self.store.update(job_id, allowed={Status.QUEUED, Status.RUNNING}, status=Status.RUNNING,
                                         stage="fetch", progress=0.0, attempts=job.attempts + 1,
@@ -83,6 +86,8 @@ class JobRunner:
                 log.exception("job %s failed", job_id)
                 self._fail(job_id, ErrorCode.INTERNAL.value, f"internal error: {type(exc).__name__}: {exc}")
         finally:
+            self.keeper.stop.set()
+            self.keeper.join()
             self.store.release_lease(job_id, self.owner)
             shutil.rmtree(workdir, ignore_errors=True)
 
@@ -161,7 +166,7 @@ class JobRunner:
             log.warning("could not record progress of %s", job_id, exc_info=True)
 
     def _hold_lease(self, job_id: str) -> None:
-        if not self.store.refresh_lease(job_id, self.owner, self.settings.lease_s):
+        if self.keeper.lost.is_set() or not self.store.refresh_lease(job_id, self.owner, self.settings.lease_s):
             raise LeaseLost()
 
     def _check_cancel(self, job_id: str) -> None:
@@ -206,16 +211,36 @@ class _Beat:
         if stage != self.stage or t - self.last_event >= 1.0:
             self.stage, self.last_event = stage, t
             self.runner._event(self.job_id, stage, fraction, message)
+        if self.runner.keeper.lost.is_set():
+            raise LeaseLost()
         if t - self.last_check >= 0.5:
             self.last_check = t
             try:
-                self.runner.store.refresh_lease(self.job_id, self.runner.owner, self.runner.settings.lease_s)
                 job = self.runner.store.get(self.job_id)
             except Exception:
                 log.warning("could not reach the job store for %s", self.job_id, exc_info=True)
                 return
             if job is None or job.cancel_requested:
                 raise Cancelled()
+
+
+class _LeaseKeeper(threading.Thread):
+    """Refreshes the job's lease every third of its length while the job runs, whatever stage it is in (a long
+    download reports no progress); if another worker took the lease, says so through `lost`."""
+
+    def __init__(self, store: JobStore, job_id: str, owner: str, lease_s: int):
+        super().__init__(name=f"lease-{job_id}", daemon=True)
+        self.store, self.job_id, self.owner, self.lease_s = store, job_id, owner, lease_s
+        self.stop, self.lost = threading.Event(), threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.lease_s / 3):
+            try:
+                if not self.store.refresh_lease(self.job_id, self.owner, self.lease_s):
+                    self.lost.set()
+                    return
+            except Exception:  # Redis restarting: try again at the next beat
+                log.warning("could not refresh the lease of %s", self.job_id, exc_info=True)
 
 
 def deliver_webhook(store: JobStore, job: JobRecord, attempts: int = 3) -> None:
