@@ -28,9 +28,9 @@ What it measures
   p50 (started_at - created_at), HTTP status counts, and the counts that must be zero:
   - lost: created (202) but not in a terminal state at the deadline, 404 on GET, missing from the full listing
     or from the listing of its status;
-  - duplicated: a replay that named another job id, an idempotency key with more than one job in the listing
-    (jobs are matched by their metadata), a job listed twice in one listing, or a job of this run the clients
-    never heard of;
+  - duplicated (idempotency keys or jobs affected): a replay that named another job id, a key with more than
+    one job in the listing (jobs carry their key's index in metadata), a job of this run that no 202 named, or
+    a job listed twice in one listing;
   - failed: jobs that ended failed or cancelled (their error codes are printed).
   With `--repeats R` the load runs R times on the same stack and the table shows each run and the median
   (counts: the sum). Quote medians. The load generator runs on the same machine as the service and
@@ -73,11 +73,11 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -88,6 +88,7 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 PAGE = 200
 RETRY_STATUSES = {429, 500, 502, 503, 504}
 SAMPLES = 8  # problems printed per kind
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------------------------------- the stack
@@ -184,6 +185,7 @@ class Stack:
         last = ""
         try:
             while time.monotonic() < deadline:
+                check_stop()
                 dead = self.dead()
                 if dead:
                     raise RuntimeError(f"{', '.join(dead)} exited during start-up")
@@ -276,9 +278,11 @@ class RunResult:
     completion_wall_s: float = 0.0
     final: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> GET body
     lost: dict[str, str] = field(default_factory=dict)  # id -> why
-    duplicated: list[str] = field(default_factory=list)
+    duplicated: defaultdict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # key or job -> why
+    answered: set[str] = field(default_factory=set)  # every job id a 202 named, replays included
     failed: dict[str, str] = field(default_factory=dict)  # id -> error code
     not_created: int = 0
+    replays_failed: int = 0
     server_errors: int = 0
 
     def problem(self, what: str, detail: str) -> None:
@@ -308,7 +312,9 @@ async def send_create(client: httpx.AsyncClient, body: dict[str, Any], key: str,
             continue
         result.http_codes[str(response.status_code)] += 1
         if response.status_code == 202:
-            return Send(response.json().get("id"), time.perf_counter() - t0, attempt + 1)
+            job_id = response.json().get("id")
+            result.answered.add(job_id)
+            return Send(job_id, time.perf_counter() - t0, attempt + 1)
         result.problem(f"HTTP {response.status_code}", f"{label} key={key} try {attempt + 1}: "
                        f"{response.text[:500]}")
         if response.status_code >= 500:
@@ -345,11 +351,14 @@ async def create_phase(client: httpx.AsyncClient, args: argparse.Namespace, uris
                     continue
                 first, replay = replay, None  # the replay created (or found) the job
             result.ids[index] = first.job_id
+            if replay is not None and replay.job_id is None:
+                result.replays_failed += 1
             result.create_latencies.append(first.latency_s)
             if replay is not None and replay.job_id is not None:
                 result.replay_latencies.append(replay.latency_s)
                 if replay.job_id != first.job_id:
-                    result.duplicated.append(f"key {key}: first send -> {first.job_id}, replay -> {replay.job_id}")
+                    result.duplicated[f"key {key}"].append(f"first send -> {first.job_id}, replay -> "
+                                                           f"{replay.job_id}")
 
     tasks = [asyncio.create_task(one_client(c)) for c in range(args.clients)]
     t0 = time.perf_counter()
@@ -396,6 +405,8 @@ async def completion_phase(client: httpx.AsyncClient, args: argparse.Namespace, 
             listed = ours(await list_jobs(client, since), result.run_id)
         except httpx.HTTPError as exc:
             result.problem("listing failed", f"GET /v1/merges: {type(exc).__name__}: {exc}")
+            if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code >= 500:
+                result.server_errors += 1
             listed = []
         status = {j["id"]: j["status"] for j in listed}
         done = sum(1 for i in known if status.get(i) in TERMINAL)
@@ -430,7 +441,6 @@ async def verify(client: httpx.AsyncClient, result: RunResult, since: datetime) 
                 result.server_errors += 1
 
     await asyncio.gather(*(get(i) for i in result.ids.values()))
-    index_of = {job_id: index for index, job_id in result.ids.items()}
     for job_id, job in result.final.items():
         if job["status"] not in TERMINAL:
             result.lost.setdefault(job_id, f"still {job['status']} (stage {job['stage']}) at the deadline")
@@ -444,17 +454,17 @@ async def verify(client: httpx.AsyncClient, result: RunResult, since: datetime) 
         seen = Counter(j["id"] for j in items)
         for job_id, n in seen.items():
             if n > 1:
-                result.duplicated.append(f"job {job_id} listed {n} times in GET /v1/merges ({name})")
+                result.duplicated[f"job {job_id}"].append(f"listed {n} times in GET /v1/merges ({name})")
         for j in items:
-            if j["id"] not in index_of:
-                result.duplicated.append(f"job {j['id']} (metadata {j['metadata']}) is in GET /v1/merges "
-                                         f"({name}) but no client was answered its id")
+            if j["id"] not in result.answered:
+                key = f"key {result.run_id}-{j['metadata'].get('bench_job', '?')}"
+                result.duplicated[key].append(f"job {j['id']} is in GET /v1/merges ({name}) but no 202 named it")
     by_key: defaultdict[str, set[str]] = defaultdict(set)
     for j in listings["all"]:
         by_key[j["metadata"].get("bench_job", "?")].add(j["id"])
     for key, job_ids in sorted(by_key.items()):
         if len(job_ids) > 1:
-            result.duplicated.append(f"key {result.run_id}-{key}: {len(job_ids)} jobs {sorted(job_ids)}")
+            result.duplicated[f"key {result.run_id}-{key}"].append(f"{len(job_ids)} jobs listed: {sorted(job_ids)}")
     all_ids = {j["id"] for j in listings["all"]}
     for job_id in result.ids.values():
         if job_id not in all_ids:
@@ -462,7 +472,6 @@ async def verify(client: httpx.AsyncClient, result: RunResult, since: datetime) 
         status = result.final.get(job_id, {}).get("status")
         if status in TERMINAL and job_id not in {j["id"] for j in listings[status]}:
             result.lost.setdefault(job_id, f"{status} but not in GET /v1/merges?status={status}")
-    result.duplicated = sorted(set(result.duplicated))
 
 
 async def run_load(url: str, api_key: str, args: argparse.Namespace, uris: list[str], repeat: int) -> RunResult:
@@ -526,7 +535,7 @@ def metrics(result: RunResult) -> dict[str, float]:
         "create p99 (ms)": percentile(ms, 99),
         "create max (ms)": max(ms, default=math.nan),
         "replay p50 (ms)": percentile([x * 1000 for x in result.replay_latencies], 50),
-        "replays": len(result.replay_latencies),
+        "replays (202)": len(result.replay_latencies),
         "creations/s": len(result.ids) / result.create_wall_s if result.create_wall_s else math.nan,
         "end-to-end jobs/s": len(ended) / span if span and span > 0 else math.nan,
         "job run time p50 (ms)": percentile([x * 1000 for x in runs], 50),
@@ -535,6 +544,7 @@ def metrics(result: RunResult) -> dict[str, float]:
         "load to last ended (s)": span,
         "client retries": result.retries,
         "not created": result.not_created,
+        "replays failed": result.replays_failed,
         "5xx answers": result.server_errors,
         "lost": len(result.lost),
         "duplicated": len(result.duplicated),
@@ -542,8 +552,8 @@ def metrics(result: RunResult) -> dict[str, float]:
     }
 
 
-SUMMED = {"jobs created (202)", "replays", "client retries", "not created", "5xx answers", "lost", "duplicated",
-          "failed"}
+SUMMED = {"jobs created (202)", "replays (202)", "client retries", "not created", "replays failed", "5xx answers",
+          "lost", "duplicated", "failed"}
 
 
 def fmt(value: float) -> str:
@@ -643,7 +653,7 @@ def problems_text(results: list[RunResult], limit: int = SAMPLES) -> str:
             out += [f"    {k}: {v}" for k, v in list(r.lost.items())[:limit]]
         if r.duplicated:
             out.append(f"run {r.run_id}: {len(r.duplicated)} duplicated, e.g.:")
-            out += [f"    {d}" for d in r.duplicated[:limit]]
+            out += [f"    {what}: {'; '.join(dict.fromkeys(why))}" for what, why in list(r.duplicated.items())[:limit]]
         if r.failed:
             out.append(f"run {r.run_id}: {len(r.failed)} failed: {dict(Counter(r.failed.values()))}, e.g.:")
             for job_id in list(r.failed)[:limit]:
@@ -693,13 +703,60 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _raise_interrupt(signum: int, _frame: Any) -> None:
+# Ctrl-C and SIGTERM: outside the event loop, a KeyboardInterrupt from the handler (and a flag, checked again at
+# each step, for the rare interrupt that lands in a __del__ and is dropped); inside it, the main task is cancelled.
+_stop_signal: list[int] = []
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _on_signal(signum: int, _frame: Any) -> None:
+    _stop_signal.append(signum)
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def install_signal_handlers() -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _on_signal)
+
+
+def check_stop() -> None:
+    if _stop_signal:
+        raise KeyboardInterrupt(f"signal {_stop_signal[0]}")
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run, with SIGINT/SIGTERM cancelling the coroutine (then KeyboardInterrupt here)."""
+
+    async def guarded() -> T:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("no current task")
+
+        def stop(signum: int) -> None:
+            _stop_signal.append(signum)
+            task.cancel()
+
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, stop, sig)
+        try:
+            return await coro
+        finally:
+            for sig in STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
+            install_signal_handlers()
+
+    try:
+        return asyncio.run(guarded())
+    except asyncio.CancelledError:
+        raise KeyboardInterrupt("cancelled") from None
+    finally:
+        check_stop()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    install_signal_handlers()
     root = (args.work_dir or Path(tempfile.mkdtemp(prefix="mergeforge-api-load-"))).resolve()
     root.mkdir(parents=True, exist_ok=True)
     stack: Stack | None = None
@@ -720,6 +777,7 @@ def main(argv: list[str] | None = None) -> int:
             stack = Stack(root, args.workers, args.s3)
             t0 = time.perf_counter()
             stack.start()
+            check_stop()
             folders = write_family(stack.storage_root / "inputs")
             if stack.s3 is not None:
                 uris = [stack.s3.upload_folder(f, f"inputs/{f.name}") for f in folders]
@@ -730,13 +788,14 @@ def main(argv: list[str] | None = None) -> int:
                           f"{'SeaweedFS S3' if args.s3 else 'file:// storage'}, {args.workers} Celery worker(s) x "
                           "concurrency 1, API: uvicorn, 1 process")
         if args.warmup:
-            asyncio.run(warm_up(url, api_key, args, uris))
+            run_async(warm_up(url, api_key, args, uris))
         for repeat in range(1, args.repeats + 1):
-            results.append(asyncio.run(run_load(url, api_key, args, uris, repeat)))
+            results.append(run_async(run_load(url, api_key, args, uris, repeat)))
         dead = stack.dead() if stack else []
         text = report(results, args, stack_desc, load_before, os.getloadavg())
         print(text, flush=True)
-        bad = any(r.lost or r.duplicated or r.failed or r.not_created or r.server_errors for r in results)
+        bad = any(r.lost or r.duplicated or r.failed or r.not_created or r.replays_failed or r.server_errors
+                  for r in results)
         if bad or dead:
             print("\nThe service misbehaved:", file=sys.stderr)
             if dead:
@@ -756,12 +815,10 @@ def main(argv: list[str] | None = None) -> int:
         if stack:
             print(f"\nlogs (all of them under {root}):\n{stack.logs()}", file=sys.stderr)
     finally:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
-        try:
-            if stack is not None:
-                stack.stop()
-        finally:
-            signal.signal(signal.SIGINT, previous)
+        for sig in STOP_SIGNALS:  # a second Ctrl-C must not cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
+        if stack is not None:
+            stack.stop()
         if ok and not args.keep and not args.work_dir:
             shutil.rmtree(root, ignore_errors=True)
         else:

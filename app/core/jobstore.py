@@ -125,23 +125,32 @@ class JobStore:
     # ----------------------------------------------------------------------------------------------- jobs
     def create(self, record: JobRecord, idempotency_key: str | None = None,
                body_hash: str | None = None) -> tuple[JobRecord, bool]:
-        """Store a new job, or return the one an idempotency key already names (created=False)."""
-        if idempotency_key:
-            idem = f"mf:idem:{record.tenant}:{idempotency_key}"
-            claim = json.dumps({"hash": body_hash, "job": record.id})
-            if not self.r.set(idem, claim, nx=True, ex=self.idempotency_ttl_s):
-                existing = json.loads(self.r.get(idem) or "{}")
-                if existing.get("hash") != body_hash:
-                    raise IdempotencyConflict(idempotency_key)
-                job = self.get(existing["job"])
-                if job is not None:
-                    return job, False
-                self.r.set(idem, claim, ex=self.idempotency_ttl_s)
+        """Store a new job, or return the one an idempotency key already names (created=False). The key's claim
+        and the job are written in one transaction, so two racing requests cannot both create a job."""
+        idem = f"mf:idem:{record.tenant}:{idempotency_key}" if idempotency_key else None
         with self.r.pipeline() as pipe:
-            pipe.set(f"mf:job:{record.id}", record.model_dump_json())
-            pipe.zadd(f"mf:jobs:{record.tenant}", {record.id: 0})
-            pipe.hincrby("mf:stats:status", record.status.value, 1)
-            pipe.execute()
+            while True:
+                try:
+                    if idem:
+                        pipe.watch(idem)
+                        raw = pipe.get(idem)
+                        if raw:
+                            existing = json.loads(raw)
+                            if existing.get("hash") != body_hash:
+                                raise IdempotencyConflict(idempotency_key)
+                            job = self.get(existing["job"])
+                            if job is not None:
+                                return job, False
+                    pipe.multi()
+                    if idem:
+                        pipe.set(idem, json.dumps({"hash": body_hash, "job": record.id}), ex=self.idempotency_ttl_s)
+                    pipe.set(f"mf:job:{record.id}", record.model_dump_json())
+                    pipe.zadd(f"mf:jobs:{record.tenant}", {record.id: 0})
+                    pipe.hincrby("mf:stats:status", record.status.value, 1)
+                    pipe.execute()
+                    break
+                except WatchError:
+                    continue
         self.add_event(record.id, "queued", 0.0, "job accepted", status=Status.QUEUED)
         return record, True
 
