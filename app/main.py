@@ -27,6 +27,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.services = Services(settings or get_settings())
     app.state.metrics = Metrics()
     problems.install(app)
+    problems.document(app)
     for router in (merges.router, checkpoints.router, methods.router, health.router):
         app.include_router(router)
 

@@ -508,15 +508,3 @@ def test_every_error_is_problem_json(idle_service, stored_family):
             body = assert_problem(response, status, code)
             assert body["instance"] == response.request.url.path, body
 
-
-def test_zz_scratch_timing(service, slow_family):
-    with service.client() as client:
-        job = submit(client, slow_spec(slow_family))
-        done = wait_for_job(client, job["id"], TERMINAL, timeout=JOB_TIMEOUT)
-        events = all_events(client, job["id"])
-        for e in events:
-            print(e["time"], e["stage"], e["status"], e["fraction"], e["message"][:60])
-        print(done["status"], done["attempts"], done["started_at"], done["finished_at"])
-        art = client.get(f"/v1/merges/{job['id']}/artifacts").json()
-        print(art["manifest"]["timings"])
-        print(service.logs())

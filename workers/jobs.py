@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from app.core.config import Settings
-from app.core.jobstore import TERMINAL, Artifact, JobRecord, JobStore, Status, now
+from app.core.jobstore import TERMINAL, Artifact, JobError, JobRecord, JobStore, Status, now
 from app.core.metrics import record_duration
-from app.core.storage import Storages, TransientStorageError, join
+from app.core.storage import StorageError, Storages, TransientStorageError, join
 from workers.cache import CheckpointCache
 from workers.engine.errors import EngineError, ErrorCode
 from workers.engine.spec import MergeSpec
@@ -126,7 +126,10 @@ class JobRunner:
             uri = record.uri
         self._check_cancel(job.id)
         self._event(job.id, "fetch", FETCH * share, f"fetching {uri}")
-        path, digests = self.cache.materialize(self.storages.for_uri(uri), uri, dest)
+        try:
+            path, digests = self.cache.materialize(self.storages.for_uri(uri), uri, dest)
+        except StorageError as exc:  # missing, denied, malformed: retrying will not help
+            raise EngineError(ErrorCode.INPUT_NOT_FOUND, f"cannot read {uri}: {exc}", {"uri": uri}) from None
         known.update({dest / name: digest for name, digest in digests.items()})
         return path
 
@@ -177,7 +180,7 @@ class JobRunner:
     def _fail(self, job_id: str, code: str, message: str, detail: dict[str, Any] | None = None) -> None:
         job = self.store.update(job_id, allowed={Status.QUEUED, Status.RUNNING, Status.CANCELLING},
                                 status=Status.FAILED, stage="failed", finished_at=now(),
-                                error={"code": code, "message": message, "detail": detail or {}})
+                                error=JobError(code=code, message=message, detail=detail or {}))
         if job is not None:
             self._ended(job)
 

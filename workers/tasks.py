@@ -12,7 +12,7 @@ from celery import Task
 from celery.signals import worker_ready, worker_shutdown
 
 from app.core.config import get_settings
-from app.core.jobstore import JobStore, Status, now
+from app.core.jobstore import JobError, JobStore, Status, now
 from app.core.storage import Storages, TransientStorageError
 from workers.celery_app import MERGE_TASK, celery_app
 from workers.jobs import JobRunner
@@ -49,8 +49,8 @@ def reap_once(store: JobStore, max_attempts: int) -> list[str]:
                          finished_at=now())
         elif job.attempts >= max_attempts:
             store.update(job_id, allowed={Status.RUNNING}, status=Status.FAILED, stage="failed", finished_at=now(),
-                         error={"code": "worker_lost", "message": f"the worker running this job was lost "
-                                f"{job.attempts} times", "detail": {"attempts": job.attempts}})
+                         error=JobError(code="worker_lost", message=f"the worker running this job was lost "
+                                        f"{job.attempts} times", detail={"attempts": job.attempts}))
         elif store.update(job_id, allowed={Status.RUNNING}, status=Status.QUEUED, stage="requeued"):
             store.add_event(job_id, "requeued", job.progress, "the worker was lost; the job was requeued")
             celery_app.send_task(MERGE_TASK, args=[job_id], queue=job.queue)

@@ -70,3 +70,37 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         return problem_response(request, 500, "internal", "internal error; the request was not applied")
+
+
+def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the problems a route can answer; `install` gives them the problem+json media type."""
+    return {code: {"model": Problem, "description": _TITLES.get(code, "Error")} for code in codes}
+
+
+def document(app: FastAPI) -> None:
+    """Error responses are problem+json (RFC 9457), not FastAPI's default validation error body; every /v1 route
+    takes a Bearer key."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes,
+                             tags=app.openapi_tags)
+        problem_ref = {"$ref": "#/components/schemas/Problem"}
+        for path, operations in schema.get("paths", {}).items():
+            for operation in operations.values():
+                for status, response in operation.get("responses", {}).items():
+                    if status.isdigit() and int(status) >= 400:
+                        response["content"] = {PROBLEM_JSON: {"schema": problem_ref}}
+                if path.startswith("/v1/"):
+                    operation["security"] = [{"bearer": []}]
+        components = schema.setdefault("components", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.get("schemas", {}).pop(unused, None)
+        components.setdefault("securitySchemes", {})["bearer"] = {
+            "type": "http", "scheme": "bearer", "description": "An API key; each key is a tenant."}
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi

@@ -9,14 +9,14 @@ from fastapi import APIRouter, Query, Response
 
 from app.api.deps import ServicesDep, TenantDep
 from app.api.models import CheckpointIn, CheckpointList, CheckpointOut
-from app.api.problems import ApiProblem
+from app.api.problems import ApiProblem, responses
 from app.api.routes.merges import check_input_uri
 from app.core.checkpoints import describe
 from app.core.jobstore import CheckpointRecord, new_id, now
 from app.core.storage import StorageError, TransientStorageError
 from workers.engine.errors import EngineError
 
-router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"])
+router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], responses=responses(401, 422))
 
 
 def _out(record: CheckpointRecord, with_tensors: bool) -> CheckpointOut:
@@ -25,7 +25,8 @@ def _out(record: CheckpointRecord, with_tensors: bool) -> CheckpointOut:
                          tensors=record.tensors if with_tensors else None)
 
 
-@router.post("", status_code=201, response_model=CheckpointOut, summary="Register a stored checkpoint")
+@router.post("", status_code=201, response_model=CheckpointOut, summary="Register a stored checkpoint",
+             responses=responses(400, 503))
 def register_checkpoint(body: CheckpointIn, svc: ServicesDep, tenant: TenantDep, response: Response
                         ) -> CheckpointOut:
     uri = check_input_uri(svc.settings, body.uri, "uri")
@@ -51,7 +52,8 @@ def list_checkpoints(svc: ServicesDep, tenant: TenantDep, limit: Annotated[int, 
                           next=records[-1].id if len(records) == limit else None)
 
 
-@router.get("/{checkpoint_id}", response_model=CheckpointOut, summary="Read a registered checkpoint")
+@router.get("/{checkpoint_id}", response_model=CheckpointOut, summary="Read a registered checkpoint",
+            responses=responses(404))
 def get_checkpoint(checkpoint_id: str, svc: ServicesDep, tenant: TenantDep) -> CheckpointOut:
     record = svc.store.get_checkpoint(checkpoint_id)
     if record is None or record.tenant != tenant:

@@ -14,17 +14,25 @@ from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 
 from app.api.deps import ServicesDep, TenantDep
 from app.api.models import ArtifactFile, ArtifactsOut, EventList, JobList, JobOut, MergeRequest
-from app.api.problems import ApiProblem
+from app.api.problems import ApiProblem, responses
 from app.core.checkpoints import tensor_infos
 from app.core.config import Settings
-from app.core.jobstore import TERMINAL, IdempotencyConflict, JobRecord, JobStore, Status, new_id, now
+from app.core.jobstore import TERMINAL, IdempotencyConflict, JobError, JobRecord, JobStore, Status, new_id, now
 from app.core.storage import StorageError, check_uri, join
 from workers.celery_app import MERGE_TASK
 from workers.engine.errors import EngineError
 from workers.engine.layout import plan_layout
 
-router = APIRouter(prefix="/v1/merges", tags=["merges"])
+router = APIRouter(prefix="/v1/merges", tags=["merges"], responses=responses(401, 422))
 CHECKPOINT_PREFIX = "ckpt_"
+CURSOR = r"^[0-9]{1,20}-[0-9]{1,20}$"
+
+
+def _cursor(value: str | None) -> str | None:
+    """Event ids are Redis stream ids: two unsigned 64-bit integers."""
+    if value is not None and any(int(part) >= 2**64 for part in value.split("-")):
+        raise ApiProblem(422, "invalid_parameters", f"{value} is not an event id")
+    return value
 
 
 def _allowed_file(settings: Settings, uri: str) -> bool:
@@ -87,7 +95,7 @@ def _check_registered(store: JobStore, tenant: str, body: MergeRequest) -> None:
 
 
 @router.post("", status_code=202, response_model=JobOut, summary="Submit a merge job",
-             responses={202: {"headers": {"Location": {"schema": {"type": "string"}}}}})
+             responses={202: {"headers": {"Location": {"schema": {"type": "string"}}}}, **responses(400, 503)})
 def create_merge(body: MergeRequest, svc: ServicesDep, tenant: TenantDep, response: Response,
                  idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
     settings, store = svc.settings, svc.store
@@ -111,7 +119,7 @@ def create_merge(body: MergeRequest, svc: ServicesDep, tenant: TenantDep, respon
             svc.celery.send_task(MERGE_TASK, args=[job.id], queue=job.queue)
         except Exception as exc:
             store.update(job.id, status=Status.FAILED, stage="failed", finished_at=now(),
-                         error={"code": "internal", "message": f"could not enqueue: {exc}", "detail": {}})
+                         error=JobError(code="internal", message=f"could not enqueue: {exc}"))
             raise ApiProblem(503, "queue_unavailable", "the job queue is unavailable; try again") from None
     response.headers["Location"] = f"/v1/merges/{job.id}"
     return _out(job)
@@ -125,12 +133,13 @@ def list_merges(svc: ServicesDep, tenant: TenantDep, limit: Annotated[int, Query
     return JobList(items=[_out(j) for j in jobs], next=jobs[-1].id if len(jobs) == limit else None)
 
 
-@router.get("/{job_id}", response_model=JobOut, summary="Read a merge job")
+@router.get("/{job_id}", response_model=JobOut, summary="Read a merge job", responses=responses(404))
 def get_merge(job_id: str, svc: ServicesDep, tenant: TenantDep) -> JobOut:
     return _out(_job(svc.store, tenant, job_id))
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel a merge job")
+@router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel a merge job",
+             responses=responses(404, 409))
 def cancel_merge(job_id: str, svc: ServicesDep, tenant: TenantDep) -> JobOut:
     job = _job(svc.store, tenant, job_id)
     if job.status in TERMINAL:
@@ -139,7 +148,8 @@ def cancel_merge(job_id: str, svc: ServicesDep, tenant: TenantDep) -> JobOut:
     return _out(updated or _job(svc.store, tenant, job_id))
 
 
-@router.delete("/{job_id}", status_code=204, summary="Delete an ended job and its artifacts")
+@router.delete("/{job_id}", status_code=204, summary="Delete an ended job and its artifacts",
+               responses=responses(404, 409))
 def delete_merge(job_id: str, svc: ServicesDep, tenant: TenantDep) -> Response:
     job = _job(svc.store, tenant, job_id)
     if job.status not in TERMINAL:
@@ -149,20 +159,23 @@ def delete_merge(job_id: str, svc: ServicesDep, tenant: TenantDep) -> Response:
     return Response(status_code=204)
 
 
-@router.get("/{job_id}/events", response_model=EventList, summary="Progress events, oldest first")
+@router.get("/{job_id}/events", response_model=EventList, summary="Progress events, oldest first",
+            responses=responses(404))
 def list_events(job_id: str, svc: ServicesDep, tenant: TenantDep,
-                after: Annotated[str | None, Query(max_length=64, pattern=r"^\d+-\d+$")] = None,
+                after: Annotated[str | None, Query(pattern=CURSOR)] = None,
                 limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> EventList:
     _job(svc.store, tenant, job_id)
-    events = svc.store.events(job_id, after, limit)
+    events = svc.store.events(job_id, _cursor(after), limit)
     return EventList(items=events, next=events[-1].id if len(events) == limit else None)
 
 
 @router.get("/{job_id}/events/stream", summary="Progress events as Server-Sent Events (resumable)",
-            response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
+            response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}}}, **responses(404)})
 def stream_events(job_id: str, svc: ServicesDep, tenant: TenantDep,
-                  last_event_id: Annotated[str | None, Header(pattern=r"^\d+-\d+$")] = None) -> StreamingResponse:
+                  last_event_id: Annotated[str | None, Header(pattern=CURSOR)] = None) -> StreamingResponse:
     _job(svc.store, tenant, job_id)
+    _cursor(last_event_id)
     store = svc.store
 
     def frames() -> Iterator[str]:
@@ -185,7 +198,8 @@ def stream_events(job_id: str, svc: ServicesDep, tenant: TenantDep,
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-@router.get("/{job_id}/artifacts", response_model=ArtifactsOut, summary="The manifest and a URL per file")
+@router.get("/{job_id}/artifacts", response_model=ArtifactsOut, summary="The manifest and a URL per file",
+            responses=responses(404, 409))
 def get_artifacts(job_id: str, svc: ServicesDep, tenant: TenantDep) -> ArtifactsOut:
     job = _job(svc.store, tenant, job_id)
     if job.status != Status.SUCCEEDED or not job.artifacts_prefix:
@@ -200,7 +214,9 @@ def get_artifacts(job_id: str, svc: ServicesDep, tenant: TenantDep) -> Artifacts
 
 
 @router.get("/{job_id}/artifacts/{path:path}", summary="Download one artifact file",
-            response_class=FileResponse, responses={200: {"content": {"application/octet-stream": {}}}})
+            response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": {}}}, 307: {"description": "Presigned URL"},
+                       **responses(404)})
 def download_artifact(job_id: str, path: str, svc: ServicesDep, tenant: TenantDep) -> Response:
     job = _job(svc.store, tenant, job_id)
     artifact = next((a for a in job.artifacts if a.path == path), None)
