@@ -57,6 +57,7 @@ class JobRunner:
             log.info("job %s is leased by another worker; skipping this delivery", job_id)
             return
         workdir = self.settings.work_dir / job_id / self.owner.replace(":", "-")
+        self._sources: dict[str, str] = {}  # local input folder -> the URI it was fetched from
         self.keeper = _LeaseKeeper(self.store, job_id, self.owner, self.settings.lease_s)
         self.keeper.start()
         try:
@@ -74,7 +75,8 @@ class JobRunner:
         except LeaseLost:
             log.warning("job %s was taken over by another worker; this attempt stops", job_id)
         except EngineError as exc:
-            self._fail(job_id, exc.code.value, exc.message, exc.detail)
+            message, detail = self._public(exc.message), json.loads(self._public(json.dumps(exc.detail)))
+            self._fail(job_id, exc.code.value, message, detail)
         except TransientStorageError:
             self.store.update(job_id, allowed={Status.RUNNING}, status=Status.QUEUED, stage="retrying")
             raise
@@ -126,6 +128,7 @@ class JobRunner:
             uri = record.uri
         self._check_cancel(job.id)
         self._event(job.id, "fetch", FETCH * share, f"fetching {uri}")
+        self._sources[str(dest)] = uri
         try:
             path, digests = self.cache.materialize(self.storages.for_uri(uri), uri, dest)
         except StorageError as exc:  # missing, denied, malformed: retrying will not help
@@ -167,6 +170,14 @@ class JobRunner:
             self.store.add_event(job_id, stage, fraction, message)
         except Exception:  # Redis restarting: progress is best effort, the merge goes on
             log.warning("could not record progress of %s", job_id, exc_info=True)
+
+    def _public(self, text: str) -> str:
+        """Engine messages name local files; say which input they came from instead of the worker's copy."""
+        for local, uri in sorted(self._sources.items(), key=lambda kv: -len(kv[0])):
+            if uri.endswith(".safetensors"):  # a single-file checkpoint sits in its folder under its own name
+                text = text.replace(f"{local}/{uri.rsplit('/', 1)[-1]}", uri)
+            text = text.replace(local, uri.rstrip("/"))
+        return text
 
     def _hold_lease(self, job_id: str) -> None:
         if self.keeper.lost.is_set() or not self.store.refresh_lease(job_id, self.owner, self.settings.lease_s):

@@ -37,15 +37,28 @@ def join(prefix: str, *parts: str) -> str:
 
 
 def check_uri(uri: str) -> str:
-    """Accept only s3:// and file:// URIs without path traversal."""
-    parsed = urlparse(uri)
-    if parsed.scheme not in ("s3", "file"):
+    """Accept only canonical s3:// and file:// URIs: lowercase scheme, no host for files, no empty, '.' or '..'
+    segments, no query. One spelling per object, so prefix checks on the string are sound."""
+    scheme, sep, _ = uri.partition("://")
+    if not sep or scheme not in ("s3", "file"):
         raise StorageError(f"{uri}: only s3:// and file:// URIs are supported")
-    if parsed.scheme == "s3" and not parsed.netloc:
+    parsed = urlparse(uri)
+    if scheme == "s3" and not parsed.netloc:
         raise StorageError(f"{uri}: an s3:// URI names a bucket")
-    if any(part in ("..", ".") for part in parsed.path.split("/")):
-        raise StorageError(f"{uri}: '.' and '..' are not allowed in a URI")
+    if scheme == "file" and parsed.netloc:
+        raise StorageError(f"{uri}: a file:// URI is file:///absolute/path, without a host")
+    if parsed.query or parsed.fragment or parsed.params:
+        raise StorageError(f"{uri}: a URI here has no query or fragment")
+    segments = parsed.path.split("/")[1:]
+    if segments[-1:] == [""]:
+        segments = segments[:-1]
+    if any(part in ("", ".", "..") for part in segments):
+        raise StorageError(f"{uri}: empty, '.' and '..' path segments are not allowed")
     return uri
+
+
+def within(uri: str, prefix: str) -> bool:
+    return uri.rstrip("/") == prefix.rstrip("/") or uri.startswith(prefix.rstrip("/") + "/")
 
 
 class Storage(ABC):

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from workers.engine.methods import MergeMethod, MethodParams, all_methods
 
@@ -124,6 +124,15 @@ class MergeSpec(_Strict):
             raise ValueError(f"unknown merge method {v!r}; available: {', '.join(methods)}")
         return v
 
+    @field_validator("parameters")
+    @classmethod
+    def _valid_parameters(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Checked against the method's model here, so an error points at `parameters.<name>`."""
+        method = all_methods().get(info.data.get("method", ""))
+        if method is not None:
+            method.Params.model_validate(v)  # its ValidationError nests under `parameters`
+        return v
+
     @field_validator("shard_size")
     @classmethod
     def _size(cls, v: int | str) -> int | str:
@@ -142,7 +151,6 @@ class MergeSpec(_Strict):
         dupes = sorted({x for x in names if names.count(x) > 1})
         if dupes:
             raise ValueError(f"task names must be unique; repeated: {', '.join(dupes)} (set `name` on each model)")
-        self.method_params  # noqa: B018 - validates
         for i, override in enumerate(self.overrides):
             try:
                 method.Params.model_validate({**self.parameters, **override.parameters})

@@ -29,7 +29,7 @@ def _out(record: CheckpointRecord, with_tensors: bool) -> CheckpointOut:
              responses=responses(400, 503))
 def register_checkpoint(body: CheckpointIn, svc: ServicesDep, tenant: TenantDep, response: Response
                         ) -> CheckpointOut:
-    uri = check_input_uri(svc.settings, body.uri, "uri")
+    uri = check_input_uri(svc.settings, tenant, body.uri, "uri")
     try:
         described = describe(svc.storages.for_uri(uri), uri)
     except EngineError as exc:

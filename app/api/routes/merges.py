@@ -18,7 +18,7 @@ from app.api.problems import ApiProblem, responses
 from app.core.checkpoints import tensor_infos
 from app.core.config import Settings
 from app.core.jobstore import TERMINAL, IdempotencyConflict, JobError, JobRecord, JobStore, Status, new_id, now
-from app.core.storage import StorageError, check_uri, join
+from app.core.storage import StorageError, check_uri, join, within
 from workers.celery_app import MERGE_TASK
 from workers.engine.errors import EngineError
 from workers.engine.layout import plan_layout
@@ -43,7 +43,9 @@ def _allowed_file(settings: Settings, uri: str) -> bool:
     return any(path == root or root in path.parents for root in roots)
 
 
-def check_input_uri(settings: Settings, uri: str, field: str) -> str:
+def check_input_uri(settings: Settings, tenant: str, uri: str, field: str) -> str:
+    """A URI a tenant may name: canonical, inside the allowed file roots, and inside the service's own storage
+    only under that tenant's prefix."""
     try:
         check_uri(uri)
     except StorageError as exc:
@@ -51,19 +53,17 @@ def check_input_uri(settings: Settings, uri: str, field: str) -> str:
     if uri.startswith("file://") and not _allowed_file(settings, uri):
         raise ApiProblem(422, "invalid_parameters", f"{field}: {uri} is outside the folders this service may read "
                          "(MERGEFORGE_FILE_ROOTS)")
+    own = join(settings.storage_url, tenant)
+    if within(uri, settings.storage_url) and not within(uri, own):
+        raise ApiProblem(422, "invalid_parameters", f"{field}: inside the service's storage, a tenant names only "
+                         f"{own}/...")
     return uri
 
 
 def _output_prefix(settings: Settings, tenant: str, output: str | None, job_id: str) -> str:
     if output is None:
         return join(settings.storage_url, tenant, job_id)
-    check_input_uri(settings, output, "output")
-    own = join(settings.storage_url, tenant) + "/"
-    if (output.rstrip("/") + "/").startswith(settings.storage_url.rstrip("/") + "/") and not (
-            output.rstrip("/") + "/").startswith(own):
-        raise ApiProblem(422, "invalid_parameters", "output: inside the service's storage, a job writes only under "
-                         f"{own}")
-    return join(output, job_id)
+    return join(check_input_uri(settings, tenant, output, "output"), job_id)
 
 
 def _job(store: JobStore, tenant: str, job_id: str) -> JobRecord:
@@ -101,7 +101,7 @@ def create_merge(body: MergeRequest, svc: ServicesDep, tenant: TenantDep, respon
     settings, store = svc.settings, svc.store
     for i, ref in enumerate([body.base_model, *(m.model for m in body.models)]):
         if not ref.startswith(CHECKPOINT_PREFIX):
-            check_input_uri(settings, ref, "base_model" if i == 0 else f"models.{i - 1}.model")
+            check_input_uri(settings, tenant, ref, "base_model" if i == 0 else f"models.{i - 1}.model")
     _check_registered(store, tenant, body)
     job_id = new_id("mrg")
     spec = body.model_dump(mode="json", by_alias=True, exclude={"output", "metadata", "webhook_url"})
