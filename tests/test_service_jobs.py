@@ -369,21 +369,18 @@ def test_listing_is_newest_first_with_cursor_pages_and_status_filter(idle_servic
         assert stamps == sorted(stamps, reverse=True)
         assert client.get("/v1/merges").json()["items"] == full["items"]  # default limit covers them
 
-        def pages(limit: int, **params) -> list[list[str]]:
-            return list_pages(client, limit, **params)
-
         for limit, sizes in [(3, [3, 3, 1]), (7, [7, 0]), (1, [1] * 7 + [0]), (200, [7])]:
-            got = pages(limit)
+            got = list_pages(client, limit)
             assert [len(p) for p in got] == sizes, (limit, got)
             flat = [i for p in got for i in p]
             assert flat == created[::-1] and len(set(flat)) == len(flat)
 
-        by_status = pages(2, status="cancelled")
+        by_status = list_pages(client, 2, status="cancelled")
         assert [len(p) for p in by_status] == [2, 1]
         assert [i for p in by_status for i in p] == [i for i in created[::-1] if i in cancelled]
-        queued = [i for p in pages(3, status="queued") for i in p]
+        queued = [i for p in list_pages(client, 3, status="queued") for i in p]
         assert queued == [i for i in created[::-1] if i not in cancelled]
-        assert pages(5, status="succeeded") == [[]]
+        assert list_pages(client, 5, status="succeeded") == [[]]
         # `after` is an exclusive cursor: the page after the 3rd newest starts with the 4th.
         tail = client.get("/v1/merges", params={"after": created[4], "limit": 200}).json()["items"]
         assert [j["id"] for j in tail] == created[3::-1]
@@ -476,9 +473,6 @@ def test_event_stream_follows_the_job_to_its_end_and_resumes(service, streamed_j
         assert_problem(response, 422, "invalid_parameters")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: an event stream opened while its job ends can close without the terminal "
-                   "status event: stream_events() replays the stored events, then reads the job record and returns "
-                   "when it is terminal, without reading the events written in between (app/api/routes/merges.py)")
 def test_event_stream_keeps_the_terminal_event_of_a_job_ending_during_replay(idle_service, stored_family):
     """The interleaving made deterministic, in process against the idle service's Redis: the job is cancelled right
     after the stream has read the stored events and before it reads the job record. Through HTTP alone it is a race:

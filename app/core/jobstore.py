@@ -147,12 +147,11 @@ class JobStore:
                     pipe.set(f"mf:job:{record.id}", record.model_dump_json())
                     pipe.zadd(f"mf:jobs:{record.tenant}", {record.id: 0})
                     pipe.hincrby("mf:stats:status", record.status.value, 1)
+                    self._queue_event(pipe, record.id, "queued", 0.0, "job accepted", Status.QUEUED)
                     pipe.execute()
-                    break
+                    return record, True
                 except WatchError:
                     continue
-        self.add_event(record.id, "queued", 0.0, "job accepted", status=Status.QUEUED)
-        return record, True
 
     def get(self, job_id: str) -> JobRecord | None:
         raw = self.r.get(f"mf:job:{job_id}")
@@ -193,13 +192,12 @@ class JobStore:
                     updated = job.model_copy(update=fields)
                     pipe.multi()
                     pipe.set(key, updated.model_dump_json())
-                    if updated.status != job.status:
+                    if updated.status != job.status:  # the record and its status event change together
                         pipe.hincrby("mf:stats:status", job.status.value, -1)
                         pipe.hincrby("mf:stats:status", updated.status.value, 1)
+                        self._queue_event(pipe, job_id, updated.stage, updated.progress,
+                                          f"status {updated.status.value}", updated.status)
                     pipe.execute()
-                    if updated.status != job.status:
-                        self.add_event(job_id, updated.stage, updated.progress, f"status {updated.status.value}",
-                                       status=updated.status)
                     return updated
                 except WatchError:
                     continue
@@ -226,14 +224,17 @@ class JobStore:
     # --------------------------------------------------------------------------------------------- events
     def add_event(self, job_id: str, stage: str, fraction: float, message: str = "",
                   status: Status | None = None, metrics: dict[str, Any] | None = None) -> str:
-        fields = {"time": now().isoformat(), "stage": stage, "fraction": f"{fraction:.6f}", "message": message,
-                  "status": status.value if status else "", "metrics": json.dumps(metrics or {})}
-        key = f"mf:events:{job_id}"
         with self.r.pipeline() as pipe:
-            pipe.xadd(key, fields)
-            pipe.expire(key, self.event_ttl_s)
+            self._queue_event(pipe, job_id, stage, fraction, message, status, metrics)
             event_id, _ = pipe.execute()
         return event_id
+
+    def _queue_event(self, pipe: Any, job_id: str, stage: str, fraction: float, message: str,
+                     status: Status | None = None, metrics: dict[str, Any] | None = None) -> None:
+        fields = {"time": now().isoformat(), "stage": stage, "fraction": f"{fraction:.6f}", "message": message,
+                  "status": status.value if status else "", "metrics": json.dumps(metrics or {})}
+        pipe.xadd(f"mf:events:{job_id}", fields)
+        pipe.expire(f"mf:events:{job_id}", self.event_ttl_s)
 
     @staticmethod
     def _event(entry_id: str, fields: dict[str, str]) -> Event:

@@ -17,7 +17,17 @@ from app.api.models import ArtifactFile, ArtifactsOut, EventList, JobList, JobOu
 from app.api.problems import ApiProblem, responses
 from app.core.checkpoints import tensor_infos
 from app.core.config import Settings
-from app.core.jobstore import TERMINAL, IdempotencyConflict, JobError, JobRecord, JobStore, Status, new_id, now
+from app.core.jobstore import (
+    TERMINAL,
+    Event,
+    IdempotencyConflict,
+    JobError,
+    JobRecord,
+    JobStore,
+    Status,
+    new_id,
+    now,
+)
 from app.core.storage import StorageError, check_uri, join, within
 from workers.celery_app import MERGE_TASK
 from workers.engine.errors import EngineError
@@ -178,21 +188,30 @@ def stream_events(job_id: str, svc: ServicesDep, tenant: TenantDep,
     _cursor(last_event_id)
     store = svc.store
 
+    def frame(event: Event) -> str:
+        return f"id: {event.id}\nevent: progress\ndata: {event.model_dump_json()}\n\n"
+
     def frames() -> Iterator[str]:
         cursor = last_event_id
-        for event in store.events(job_id, cursor, 10_000):
-            cursor = event.id
-            yield f"id: {event.id}\nevent: progress\ndata: {event.model_dump_json()}\n\n"
-        job = store.get(job_id)
-        if job is None or job.status in TERMINAL:
-            return
-        for event in store.follow(job_id, cursor):
-            if event is None:
-                yield ": keep-alive\n\n"
-                continue
-            yield f"id: {event.id}\nevent: progress\ndata: {event.model_dump_json()}\n\n"
-            if event.status in TERMINAL:
+        # A job's record and its status event change in one transaction: once the record shows an ended job, the
+        # terminal event is stored, so replaying after that check cannot miss it.
+        while True:
+            job = store.get(job_id)
+            for event in store.events(job_id, cursor, 10_000):
+                cursor = event.id
+                yield frame(event)
+                if event.status in TERMINAL:
+                    return
+            if job is None or job.status in TERMINAL:
                 return
+            for event in store.follow(job_id, cursor):
+                if event is None:
+                    break  # quiet for a while: re-check the record, then keep the connection alive
+                cursor = event.id
+                yield frame(event)
+                if event.status in TERMINAL:
+                    return
+            yield ": keep-alive\n\n"
 
     return StreamingResponse(frames(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
