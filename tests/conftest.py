@@ -74,22 +74,10 @@ def s3_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def service(tmp_path_factory, s3_server):
     """Redis, the API and a Celery worker, shared by the tests that leave them running as they found them."""
-    from servers import Service
+    from servers import running_service
 
-    from app.core.redis_server import RedisServer
-
-    root = tmp_path_factory.mktemp("service")
-    redis = RedisServer(root / "redis").start()
-    svc = Service(root, redis, s3_server)
-    try:
-        svc.start()
-    except Exception:
-        svc.stop()
-        redis.stop()
-        raise RuntimeError(svc.logs()) from None
-    yield svc
-    svc.stop()
-    redis.stop()
+    with running_service(tmp_path_factory.mktemp("service"), s3_server) as svc:
+        yield svc
 
 
 @pytest.fixture(scope="session")

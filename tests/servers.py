@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,6 +166,28 @@ class Service:
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}"
                          for p in sorted(self.root.glob("*.log")))
+
+
+@contextmanager
+def running_service(root: Path, s3: SeaweedS3, *, worker: bool = True,
+                    extra_env: dict[str, str] | None = None) -> Iterator[Service]:
+    """Redis, the API and (unless `worker` is false) one Celery worker of their own; stopped on exit."""
+    root.mkdir(parents=True, exist_ok=True)
+    redis = RedisServer(root / "redis").start()
+    svc = Service(root, redis, s3, extra_env=extra_env or {})
+    try:
+        try:
+            if worker:
+                svc.start()
+            else:
+                svc.start_api()
+                wait_until(lambda: httpx.get(f"{svc.url}/healthz", timeout=2).status_code == 200, 90, "the API")
+        except Exception:
+            raise RuntimeError(svc.logs()) from None
+        yield svc
+    finally:
+        svc.stop()
+        redis.stop()
 
 
 def wait_for_job(client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 120) -> dict:

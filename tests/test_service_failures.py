@@ -17,9 +17,7 @@ import pytest
 import torch
 from conftest import write_safetensors
 from safetensors.torch import load, save
-from servers import BUCKET, Service, wait_for_job
-
-from app.core.redis_server import RedisServer
+from servers import BUCKET, Service, running_service, wait_for_job
 
 ENDED = {"succeeded", "failed", "cancelled"}
 PROBLEM_JSON = "application/problem+json"
@@ -359,17 +357,8 @@ def _slow_spec(family: dict[str, str]) -> dict:
 @pytest.fixture
 def own_service(tmp_path, s3_server):
     """Redis, the API and one worker of this test's own, so the shared session service is left untouched."""
-    redis = RedisServer(tmp_path / "redis").start()
-    svc = Service(tmp_path / "service", redis, s3_server)
-    try:
-        svc.start()
-    except Exception:
-        svc.stop()
-        redis.stop()
-        raise RuntimeError(svc.logs()) from None
-    yield svc
-    svc.stop()
-    redis.stop()
+    with running_service(tmp_path / "service", s3_server) as svc:
+        yield svc
 
 
 def test_worker_killed_mid_merge_is_requeued_and_leaves_one_attempt(own_service, slow_family, s3_server):

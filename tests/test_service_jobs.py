@@ -17,11 +17,10 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from servers import KEYS, Service, wait_for_job, wait_until
+from servers import KEYS, Service, running_service, wait_for_job, wait_until
 from slow_models import build_slow_family, slow_spec
 
 from app.core.config import hash_key
-from app.core.redis_server import RedisServer
 
 PROBLEM = "application/problem+json"
 JOB_TIMEOUT = 180.0
@@ -149,22 +148,10 @@ def scrape(client: httpx.Client) -> dict:
 @pytest.fixture(scope="module")
 def idle_service(tmp_path_factory, s3_server):
     """The API on its own Redis with no worker: what it enqueues stays queued."""
-    root = tmp_path_factory.mktemp("idle-service")
-    root.mkdir(parents=True, exist_ok=True)
-    redis = RedisServer(root / "redis").start()
     keys = {**KEYS, LISTER[0]: LISTER[1], DEEP_LISTER[0]: DEEP_LISTER[1]}
-    svc = Service(root, redis, s3_server,
-                  extra_env={"MERGEFORGE_API_KEYS": json.dumps({hash_key(k): t for t, k in keys.items()})})
-    svc.start_api()
-    try:
-        wait_until(lambda: httpx.get(f"{svc.url}/healthz", timeout=2).status_code == 200, 90, "the API alone")
-    except Exception:
-        svc.stop()
-        redis.stop()
-        raise RuntimeError(svc.logs()) from None
-    yield svc
-    svc.stop()
-    redis.stop()
+    env = {"MERGEFORGE_API_KEYS": json.dumps({hash_key(k): t for t, k in keys.items()})}
+    with running_service(tmp_path_factory.mktemp("idle-service"), s3_server, worker=False, extra_env=env) as svc:
+        yield svc
 
 
 @pytest.fixture(scope="module")
