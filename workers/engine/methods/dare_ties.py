@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from workers.engine.methods import MergeMethod, MethodParams, register
-from workers.engine.methods.dare_linear import dare_all
+from workers.engine.methods import MergeMethod, register
+from workers.engine.methods.dare_linear import DareLinearParams, dare_all
 from workers.engine.methods.ties import elect_and_merge
 
 if TYPE_CHECKING:
@@ -16,9 +16,9 @@ if TYPE_CHECKING:
     from workers.engine.tensors import Chunk
 
 
-class DareTiesParams(MethodParams):
-    drop_rate: float = Field(default=0.5, ge=0.0, lt=1.0, description="Probability p of dropping each entry.")
-    rescale: bool = Field(default=True, description="Rescale survivors by 1/(1-p).")
+class DareTiesParams(DareLinearParams):
+    """DARE's parameters, TIES's sign election and disjoint merge, and TIES's default lambda."""
+
     lambda_: float = Field(default=1.0, alias="lambda", ge=-10.0, le=10.0, allow_inf_nan=False,
                            description="Scaling of the merged task vector.")
     consensus: Literal["sum", "count"] = "sum"
