@@ -7,7 +7,7 @@ import queue
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from servers import wait_for_job, wait_until
+from servers import running_service, wait_for_job, wait_until
 
 
 def _receiver():
@@ -46,5 +46,22 @@ def test_webhook_receives_the_ended_job(service, stored_family):
             wait_until(lambda: any(e["stage"] == "webhook" and "204" in e["message"]
                                    for e in client.get(f"/v1/merges/{job_id}/events").json()["items"]),
                        30, "the webhook event")
+    finally:
+        server.shutdown()
+
+
+def test_webhook_of_a_job_cancelled_while_queued(tmp_path, s3_server, stored_family):
+    server, received = _receiver()
+    try:
+        with running_service(tmp_path / "svc", s3_server, worker=False) as service, service.client() as client:
+            spec = {"method": "task_arithmetic", "base_model": stored_family["base"],
+                    "models": [{"model": stored_family["task0"]}],
+                    "webhook_url": f"http://127.0.0.1:{server.server_address[1]}/hook"}
+            job_id = client.post("/v1/merges", json=spec).json()["id"]
+            assert client.post(f"/v1/merges/{job_id}/cancel").json()["status"] == "cancelled"
+            service.start_worker()  # no worker ran the job; one delivers the webhook
+            _, body = received.get(timeout=120)
+            assert body["event"] == "merge.cancelled" and body["job"]["id"] == job_id
+            assert client.get(f"/v1/merges/{job_id}").json()["status"] == "cancelled"
     finally:
         server.shutdown()

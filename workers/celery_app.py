@@ -9,6 +9,7 @@ from celery import Celery
 from app.core.config import get_settings
 
 MERGE_TASK = "mergeforge.merge"
+WEBHOOK_TASK = "mergeforge.webhook"
 
 
 def make_celery() -> Celery:

@@ -14,8 +14,8 @@ from celery.signals import worker_ready, worker_shutdown
 from app.core.config import get_settings
 from app.core.jobstore import JobError, JobStore, Status, now
 from app.core.storage import Storages, TransientStorageError
-from workers.celery_app import MERGE_TASK, celery_app
-from workers.jobs import JobRunner
+from workers.celery_app import MERGE_TASK, WEBHOOK_TASK, celery_app
+from workers.jobs import JobRunner, deliver_webhook
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,14 @@ def merge_task(self: Task, job_id: str) -> None:
         runner().run(job_id)
     except TransientStorageError as exc:
         raise self.retry(exc=exc, countdown=min(300, 5 * 2 ** self.request.retries)) from None
+
+
+@celery_app.task(name=WEBHOOK_TASK, ignore_result=True)
+def webhook_task(job_id: str) -> None:
+    """Webhooks of jobs that ended without a worker (cancelled while queued)."""
+    job = runner().store.get(job_id)
+    if job is not None and job.webhook_url:
+        deliver_webhook(runner().store, job)
 
 
 def reap_once(store: JobStore, max_attempts: int) -> list[str]:

@@ -4,6 +4,7 @@ downloads and uploads."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -85,8 +86,9 @@ class Storage(ABC):
     def presign(self, uri: str) -> str | None:
         """A URL a client can GET without credentials, or None where the API serves the file itself."""
 
-    def healthy(self) -> bool:
-        return True
+    @abstractmethod
+    def healthy(self, prefix: str) -> bool:
+        """The prefix's bucket or folder is reachable (for /readyz)."""
 
 
 class FileStorage(Storage):
@@ -150,6 +152,14 @@ class FileStorage(Storage):
 
     def presign(self, uri: str) -> str | None:
         return None
+
+    def healthy(self, prefix: str) -> bool:
+        path = self._path(prefix)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return False
+        return os.access(path, os.W_OK)
 
 
 class S3Storage(Storage):
@@ -240,17 +250,9 @@ class S3Storage(Storage):
         return self._call(self._client.generate_presigned_url, "get_object",
                           Params={"Bucket": bucket, "Key": key}, ExpiresIn=self._expiry, uri=uri)
 
-    def ensure_bucket(self, bucket: str) -> None:
-        from botocore.exceptions import ClientError
-
+    def healthy(self, prefix: str) -> bool:
         try:
-            self._client.head_bucket(Bucket=bucket)
-        except ClientError:
-            self._call(self._client.create_bucket, Bucket=bucket, uri=f"s3://{bucket}")
-
-    def healthy(self) -> bool:
-        try:
-            self._client.list_buckets()
+            self._client.head_bucket(Bucket=self._split(prefix)[0])
             return True
         except Exception:
             return False

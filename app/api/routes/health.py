@@ -22,7 +22,7 @@ def healthz() -> Health:
             responses={503: {"content": {PROBLEM_JSON: {}}}})
 def readyz(request: Request, svc: ServicesDep) -> Response:
     redis_ok = svc.store.ping()
-    checks = {"redis": redis_ok, "storage": svc.storages.default.healthy(),
+    checks = {"redis": redis_ok, "storage": svc.storages.default.healthy(svc.settings.storage_url),
               "workers": redis_ok and bool(svc.store.live_workers())}
     if all(checks.values()):
         return JSONResponse(Health(status="ready", checks=checks).model_dump())

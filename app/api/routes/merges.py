@@ -29,7 +29,7 @@ from app.core.jobstore import (
     now,
 )
 from app.core.storage import StorageError, check_uri, join, within
-from workers.celery_app import MERGE_TASK
+from workers.celery_app import MERGE_TASK, WEBHOOK_TASK
 from workers.engine.errors import EngineError
 from workers.engine.layout import plan_layout
 
@@ -155,6 +155,8 @@ def cancel_merge(job_id: str, svc: ServicesDep, tenant: TenantDep) -> JobOut:
     if job.status in TERMINAL:
         raise ApiProblem(409, "conflict", f"job {job_id} already ended ({job.status.value})")
     updated = svc.store.request_cancel(job_id)
+    if updated is not None and updated.status == Status.CANCELLED and updated.webhook_url:
+        svc.celery.send_task(WEBHOOK_TASK, args=[job_id], queue=updated.queue)
     return _out(updated or _job(svc.store, tenant, job_id))
 
 
