@@ -76,17 +76,17 @@ class JobRunner:
             log.warning("job %s was taken over by another worker; this attempt stops", job_id)
         except EngineError as exc:
             message, detail = self._public(exc.message), json.loads(self._public(json.dumps(exc.detail)))
-            self._fail(job_id, exc.code.value, message, detail)
+            self.fail(job_id, exc.code.value, message, detail)
         except TransientStorageError:
             self.store.update(job_id, allowed={Status.RUNNING}, status=Status.QUEUED, stage="retrying")
             raise
         except Exception as exc:
             if type(exc).__name__ == "SoftTimeLimitExceeded":
                 limit = self.settings.job_soft_time_limit_s
-                self._fail(job_id, "timeout", f"the job ran past its time limit ({limit} s)")
+                self.fail(job_id, "timeout", f"the job ran past its time limit ({limit} s)")
             else:
                 log.exception("job %s failed", job_id)
-                self._fail(job_id, ErrorCode.INTERNAL.value, f"internal error: {type(exc).__name__}: {exc}")
+                self.fail(job_id, ErrorCode.INTERNAL.value, f"internal error: {type(exc).__name__}: {exc}")
         finally:
             self.keeper.stop.set()
             self.keeper.join()
@@ -188,7 +188,7 @@ class JobRunner:
         if job is None or job.cancel_requested:
             raise Cancelled()
 
-    def _fail(self, job_id: str, code: str, message: str, detail: dict[str, Any] | None = None) -> None:
+    def fail(self, job_id: str, code: str, message: str, detail: dict[str, Any] | None = None) -> None:
         job = self.store.update(job_id, allowed={Status.QUEUED, Status.RUNNING, Status.CANCELLING},
                                 status=Status.FAILED, stage="failed", finished_at=now(),
                                 error=JobError(code=code, message=message, detail=detail or {}))

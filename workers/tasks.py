@@ -32,6 +32,10 @@ def merge_task(self: Task, job_id: str) -> None:
     try:
         runner().run(job_id)
     except TransientStorageError as exc:
+        if self.request.retries >= self.max_retries:
+            runner().fail(job_id, "storage_unavailable", f"storage stayed unavailable after {self.max_retries} "
+                          f"retries: {exc}")
+            return
         raise self.retry(exc=exc, countdown=min(300, 5 * 2 ** self.request.retries)) from None
 
 
