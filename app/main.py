@@ -31,10 +31,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (merges.router, checkpoints.router, methods.router, health.router):
         app.include_router(router)
 
+    limit = app.state.services.settings.max_body_bytes
+
     @app.middleware("http")
     async def _count(request: Request, call_next):
         started = time.perf_counter()
-        response = await call_next(request)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            response = problems.problem_response(request, 413, "payload_too_large",
+                                                 f"request bodies are limited to {limit} bytes")
+        else:
+            response = await call_next(request)
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
         app.state.metrics.requests.labels(request.method, path, str(response.status_code)).inc()

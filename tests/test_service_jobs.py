@@ -597,3 +597,12 @@ def test_every_error_is_problem_json(idle_service, stored_family):
             body = assert_problem(response, status, code)
             assert body["instance"] == response.request.url.path, body
 
+
+
+def test_oversized_body_is_refused(service):
+    with service.client() as client:
+        response = client.post("/v1/merges", content=b"{" + b" " * (2 * 1024 * 1024) + b"}",
+                               headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["code"] == "payload_too_large"

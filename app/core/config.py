@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = 7 * 3600
     lease_s: int = 60
     max_attempts: int = 3
+    max_body_bytes: int = 1024 * 1024
     event_ttl_s: int = 30 * 24 * 3600
     idempotency_ttl_s: int = 24 * 3600
 

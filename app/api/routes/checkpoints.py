@@ -26,7 +26,7 @@ def _out(record: CheckpointRecord, with_tensors: bool) -> CheckpointOut:
 
 
 @router.post("", status_code=201, response_model=CheckpointOut, summary="Register a stored checkpoint",
-             responses=responses(400, 503))
+             responses=responses(400, 413, 503))
 def register_checkpoint(body: CheckpointIn, svc: ServicesDep, tenant: TenantDep, response: Response
                         ) -> CheckpointOut:
     uri = check_input_uri(svc.settings, tenant, body.uri, "uri")

@@ -105,7 +105,7 @@ def _check_registered(store: JobStore, tenant: str, body: MergeRequest) -> None:
 
 
 @router.post("", status_code=202, response_model=JobOut, summary="Submit a merge job",
-             responses={202: {"headers": {"Location": {"schema": {"type": "string"}}}}, **responses(400, 503)})
+             responses={202: {"headers": {"Location": {"schema": {"type": "string"}}}}, **responses(400, 413, 503)})
 def create_merge(body: MergeRequest, svc: ServicesDep, tenant: TenantDep, response: Response,
                  idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
     settings, store = svc.settings, svc.store
