@@ -1,8 +1,6 @@
-"""Exact magnitude thresholds: the value of the k-th largest |x|, in one tensor or over a whole task vector.
-
-Entries with |x| >= threshold are kept, so ties at the threshold are all kept (mergekit breaks them by sort order;
-with float32 task vectors ties are rare).
-"""
+"""Exact magnitude thresholds: the value of the k-th largest |x|, in one tensor (a partition) or over a whole task
+vector (two streaming passes of bit-pattern histograms). What to do with entries tied at the threshold is the
+caller's choice (see methods/ties.py)."""
 
 from __future__ import annotations
 
