@@ -116,7 +116,7 @@ class JobRunner:
 
         out = workdir / "out"
         self._event(job.id, "merge", FETCH, f"merging with {spec.method}")
-        run_merge(local_spec, out, on_progress, known_sha256=known)
+        run_merge(local_spec, out, on_progress, known_sha256=known, device=self.settings.device)
         self._upload(job, out, prefix, storage, beat)
 
     def _fetch(self, job: JobRecord, ref: str, dest: Path, share: float, known: dict[Path, str]) -> Path:

@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     cache_max_bytes: int = 100 * 1024**3
     work_dir: Path = Path.home() / ".cache" / "mergeforge" / "work"
 
+    device: str = Field(default="auto", description="Where workers compute: auto (CUDA when present), cpu, cuda.")
     queue_routes: dict[str, str] = Field(default_factory=lambda: {"adamerging": "gpu", "tinting": "gpu"},
                                          description="Method -> Celery queue; methods not listed go to 'cpu'.")
     job_soft_time_limit_s: int = 6 * 3600

@@ -34,7 +34,7 @@ def _merge(args: argparse.Namespace) -> int:
             bar.update(int(p.fraction * 1000) - bar.n)
 
     try:
-        result = run_merge(spec, Path(args.out_dir), on_progress)
+        result = run_merge(spec, Path(args.out_dir), on_progress, device=args.device)
     except EngineError as exc:
         print(f"error [{exc.code.value}]: {exc.message}", file=sys.stderr)
         return 1
@@ -72,6 +72,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     merge.add_argument("spec", type=Path)
     merge.add_argument("out_dir", type=Path)
     merge.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    merge.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     merge.set_defaults(run=_merge)
     methods = sub.add_parser("methods", help="list merge methods with their parameter JSON schema")
     methods.add_argument("--json", action="store_true", help="one JSON document")

@@ -122,19 +122,29 @@ def _single_threaded_ops():
         torch.set_num_threads(previous)
 
 
+def resolve_device(device: str | None) -> str:
+    """'auto' (or None): CUDA when present, else the CPU."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def run_merge(spec: MergeSpec, out_dir: str | Path, progress: ProgressFn | None = None,
-              threads: int | None = None, known_sha256: Mapping[Path, str] | None = None) -> MergeResult:
+              threads: int | None = None, known_sha256: Mapping[Path, str] | None = None,
+              device: str | None = "cpu") -> MergeResult:
     """Merge as `spec` says into `out_dir`, which must not exist yet (or be empty). `progress` is called often
     with the stage and overall fraction; raising from it cancels the merge and leaves nothing behind.
-    `known_sha256` spares hashing input files whose digest the caller already has (a content-addressed cache)."""
+    `known_sha256` spares hashing input files whose digest the caller already has (a content-addressed cache).
+    `device`: where chunks are computed ('cpu', 'cuda', 'auto'); reading, statistics by partition and writing stay
+    on the CPU, and the output bytes are the same on any device up to float rounding of the arithmetic."""
     threads = threads or default_threads()
     tune_allocator()
     with ThreadPoolExecutor(threads, thread_name_prefix="merge") as executor, _single_threaded_ops():
-        return _run(spec, Path(out_dir), progress, executor, threads, known_sha256 or {})
+        return _run(spec, Path(out_dir), progress, executor, threads, known_sha256 or {}, resolve_device(device))
 
 
 def _run(spec: MergeSpec, out_dir: Path, progress: ProgressFn | None, executor: ThreadPoolExecutor,
-         threads: int, known: Mapping[Path, str]) -> MergeResult:
+         threads: int, known: Mapping[Path, str], device: str) -> MergeResult:
     started = time.perf_counter()
     timings: dict[str, float] = {}
     base = Checkpoint.open(spec.base_model)
@@ -148,7 +158,7 @@ def _run(spec: MergeSpec, out_dir: Path, progress: ProgressFn | None, executor: 
         digests += [hasher.submit(_input_digests, "base", "base", base, known)]
         digests += [hasher.submit(_input_digests, "model", m.task_name(), c, known)
                     for m, c in zip(spec.models, models, strict=True)]
-        manifest = _merge_into(spec, base, models, layout, tmp, progress, timings, executor, 2 * threads)
+        manifest = _merge_into(spec, base, models, layout, tmp, progress, timings, executor, 2 * threads, device)
         manifest["inputs"] = [d.result() for d in digests]
         manifest["timings"] = {k: round(v, 3) for k, v in {**timings,
                                "total_s": time.perf_counter() - started}.items()}
@@ -170,7 +180,7 @@ def _run(spec: MergeSpec, out_dir: Path, progress: ProgressFn | None, executor: 
 
 def _merge_into(spec: MergeSpec, base: Checkpoint, models: list[Checkpoint], layout: Layout, tmp: Path,
                 progress: ProgressFn | None, timings: dict[str, float], executor: ThreadPoolExecutor,
-                window: int) -> dict[str, Any]:
+                window: int, device: str) -> dict[str, Any]:
     method = spec.method_cls()
     task_names = [m.task_name() for m in spec.models]
     weights = [m.weight for m in spec.models]
@@ -179,7 +189,7 @@ def _merge_into(spec: MergeSpec, base: Checkpoint, models: list[Checkpoint], lay
     fractions = sorted({f for p in params.values() if (f := method.global_fraction(p)) is not None})
     sources = [TensorSource(name, base, models, [own[name] for own in layout.model_names],
                             [False] * len(models), weights, spec.seed, check_finite=True, executor=executor,
-                            window=window)
+                            window=window, device=device)
                for name in layout.shared]
     shared_numel = sum(s.numel for s in sources)
     passes = 1 + 2 * len(fractions) + (3 if spec.lwptv and spec.lwptv.score == "saliency" else 1 if spec.lwptv
@@ -250,7 +260,7 @@ def _merge_into(spec: MergeSpec, base: Checkpoint, models: list[Checkpoint], lay
     extra.append(tmp / CARD)
     outputs += [WrittenFile(str(p.relative_to(tmp)), _sha256(p), p.stat().st_size) for p in extra]
     return {
-        "engine": {"name": "mergeforge", "version": __version__, "torch": torch.__version__},
+        "engine": {"name": "mergeforge", "version": __version__, "torch": torch.__version__, "device": device},
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "spec": spec.model_dump(mode="json", by_alias=True),
         "dtype": dtype_name,

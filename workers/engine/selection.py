@@ -107,7 +107,7 @@ def global_thresholds(sources: Sequence[TensorSource], fractions: list[float],
 
     def sweep(feed: Callable[[StreamingKthLargest, torch.Tensor], None]) -> None:
         for source in sources:
-            for magnitudes in source.map_chunks(lambda chunk: chunk.task_vectors().abs_()):
+            for magnitudes in source.map_chunks(lambda chunk: chunk.task_vectors().abs_().cpu()):
                 for selector, mag in zip(selectors, magnitudes, strict=True):
                     feed(selector, mag)
                 tick(magnitudes[0].numel())

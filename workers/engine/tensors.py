@@ -44,8 +44,8 @@ def ordered_map(executor: Executor | None, fn: Callable[[T], R], items: Iterable
 
 @dataclass
 class Chunk:
-    """Rows of one tensor from the base and each task model, float32; `models` is stacked [task, *rows]. A task
-    pruned here (LwPTV) shows the base."""
+    """Rows of one tensor from the base and each task model, float32, on the engine's device; `models` is stacked
+    [task, *rows]. A task pruned here (LwPTV) shows the base."""
 
     name: str
     index: int
@@ -70,7 +70,7 @@ class TensorSource:
 
     def __init__(self, name: str, base: Checkpoint, models: list[Checkpoint], own_names: list[str],
                  pruned: list[bool], weights: list[float], seed: int, check_finite: bool = False,
-                 executor: Executor | None = None, window: int = 1):
+                 executor: Executor | None = None, window: int = 1, device: str = "cpu"):
         self.name = name
         self.shape = base.tensors[name].shape
         self.numel = math.prod(self.shape)
@@ -80,6 +80,7 @@ class TensorSource:
         self._seed = seed
         self.check_finite = check_finite
         self._executor, self._window = executor, window
+        self.device = torch.device(device)
         rows = self.shape[0] if self.shape else 0
         row_numel = self.numel // rows if rows else 0
         step = max(1, CHUNK_ELEMENTS // row_numel) if row_numel else max(rows, 1)
@@ -104,9 +105,9 @@ class TensorSource:
 
     def chunk(self, index: int, tasks: list[int] | None = None) -> Chunk:
         rows = self.row_ranges[index]
-        base = self._read(self._base, self.name, rows).float()
+        base = self._read(self._base, self.name, rows).to(self.device).float()
         wanted = list(range(self.n_tasks)) if tasks is None else tasks
-        models = torch.empty((len(wanted), *base.shape), dtype=torch.float32)
+        models = torch.empty((len(wanted), *base.shape), dtype=torch.float32, device=self.device)
         for i, k in enumerate(wanted):
             models[i].copy_(base if self.pruned[k] else self._read(self._models[k], self._own[k], rows))
         start = rows[0] * (self.numel // self.shape[0]) if rows else 0

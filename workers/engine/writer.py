@@ -111,7 +111,7 @@ class ShardedWriter:
             self._current, self._remaining = entry, entry.nbytes
         if name != self._current.name:
             raise RuntimeError(f"writer expected more of {self._current.name!r}, got {name!r}")
-        data = values.to(self._current.dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
+        data = values.to(self._current.dtype).cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         if data.nbytes > self._remaining:
             raise RuntimeError(f"{name}: {data.nbytes} bytes exceed the {self._remaining} left for this tensor")
         self._put(memoryview(data))

@@ -26,8 +26,8 @@ def dare(tau: torch.Tensor, drop_rate: float, rescale: bool, generator: torch.Ge
     """Drop each entry with probability p; survivors times 1/(1-p) when rescaling (the paper, FusionBench)."""
     import torch
 
-    keep = torch.rand(tau.shape, generator=generator) >= drop_rate
-    out = tau * keep
+    keep = torch.rand(tau.shape, generator=generator) >= drop_rate  # drawn on the CPU: same bytes on any device
+    out = tau * keep.to(tau.device)
     return out / (1.0 - drop_rate) if rescale else out
 
 

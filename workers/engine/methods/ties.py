@@ -69,7 +69,7 @@ def elect_and_merge(deltas: torch.Tensor, weights: list[float], consensus: str, 
     import torch
 
     unit = all(w == 1.0 for w in weights)
-    w = torch.tensor(weights, dtype=deltas.dtype).view(-1, *[1] * (deltas.dim() - 1))
+    w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device).view(-1, *[1] * (deltas.dim() - 1))
     d = deltas if unit else deltas.mul_(w)
     agree = d.sign()
     score = d.sum(0) if consensus == "sum" else agree.sum(0)
@@ -113,7 +113,7 @@ def _nth_tie(source: TensorSource, task: int, threshold: float, n: int) -> int:
     seen = 0
     for i in range(len(source.row_ranges)):
         chunk = source.chunk(i, [task])
-        ties = np.flatnonzero(chunk.task_vectors()[0].abs_().numpy().reshape(-1) == target)
+        ties = np.flatnonzero(chunk.task_vectors()[0].abs_().cpu().numpy().reshape(-1) == target)
         if seen + ties.size >= n:
             return chunk.start + int(ties[n - seen - 1])
         seen += ties.size
