@@ -24,6 +24,8 @@ class Settings(BaseSettings):
                                          "s3://BUCKET/PREFIX.")
     file_roots: list[Path] = Field(default_factory=list, description="Folders file:// checkpoints may be read "
                                    "from, besides the storage folder. Anything else is refused.")
+    s3_buckets: list[str] = Field(default_factory=list, description="Buckets s3:// inputs and outputs may name, "
+                                  "besides the storage bucket; empty: any the credentials reach.")
     s3_endpoint_url: str | None = Field(default=None, description="MinIO, SeaweedFS, or empty for AWS.")
     s3_region: str = "us-east-1"
     s3_presign_expiry_s: int = 3600

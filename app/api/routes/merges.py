@@ -63,6 +63,12 @@ def check_input_uri(settings: Settings, tenant: str, uri: str, field: str) -> st
     if uri.startswith("file://") and not _allowed_file(settings, uri):
         raise ApiProblem(422, "invalid_parameters", f"{field}: {uri} is outside the folders this service may read "
                          "(MERGEFORGE_FILE_ROOTS)")
+    if uri.startswith("s3://") and settings.s3_buckets:
+        bucket = urlparse(uri).netloc
+        allowed = {*settings.s3_buckets, urlparse(settings.storage_url).netloc}
+        if bucket not in allowed:
+            raise ApiProblem(422, "invalid_parameters", f"{field}: bucket {bucket!r} is not one this service may use "
+                             "(MERGEFORGE_S3_BUCKETS)")
     own = join(settings.storage_url, tenant)
     if within(uri, settings.storage_url) and not within(uri, own):
         raise ApiProblem(422, "invalid_parameters", f"{field}: inside the service's storage, a tenant names only "
