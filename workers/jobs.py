@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from app.core.config import Settings
-from app.core.jobstore import TERMINAL, Artifact, JobError, JobRecord, JobStore, Status, now
+from app.core.jobstore import TERMINAL, Artifact, JobError, JobRecord, JobStore, Status, is_checkpoint_id, now
 from app.core.metrics import record_duration
 from app.core.storage import StorageError, Storages, TransientStorageError, join
 from workers.cache import CheckpointCache
@@ -121,7 +121,7 @@ class JobRunner:
 
     def _fetch(self, job: JobRecord, ref: str, dest: Path, share: float, known: dict[Path, str]) -> Path:
         uri = ref
-        if ref.startswith("ckpt_"):
+        if is_checkpoint_id(ref):
             record = self.store.get_checkpoint(ref)
             if record is None or record.tenant != job.tenant:
                 raise EngineError(ErrorCode.INPUT_NOT_FOUND, f"no registered checkpoint {ref}", {"checkpoint": ref})

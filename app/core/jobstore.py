@@ -35,6 +35,11 @@ class Status(StrEnum):
 
 
 TERMINAL = {Status.SUCCEEDED, Status.FAILED, Status.CANCELLED}
+CHECKPOINT_ID = "ckpt"  # registered checkpoints are named ckpt_...; a job may give one instead of a URI
+
+
+def is_checkpoint_id(ref: str) -> bool:
+    return ref.startswith(f"{CHECKPOINT_ID}_")
 
 
 def new_id(prefix: str) -> str:

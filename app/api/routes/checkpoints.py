@@ -12,7 +12,7 @@ from app.api.models import CheckpointIn, CheckpointList, CheckpointOut
 from app.api.problems import ApiProblem, responses
 from app.api.routes.merges import check_input_uri
 from app.core.checkpoints import describe
-from app.core.jobstore import CheckpointRecord, new_id, now
+from app.core.jobstore import CHECKPOINT_ID, CheckpointRecord, new_id, now
 from app.core.storage import StorageError, TransientStorageError
 from workers.engine.errors import EngineError
 
@@ -38,7 +38,7 @@ def register_checkpoint(body: CheckpointIn, svc: ServicesDep, tenant: TenantDep,
         raise ApiProblem(503, "storage_unavailable", str(exc)) from None
     except StorageError as exc:
         raise ApiProblem(422, "input_not_found", str(exc)) from None
-    record = CheckpointRecord(id=new_id("ckpt"), tenant=tenant, uri=uri, created_at=now(), **described)
+    record = CheckpointRecord(id=new_id(CHECKPOINT_ID), tenant=tenant, uri=uri, created_at=now(), **described)
     svc.store.put_checkpoint(record)
     response.headers["Location"] = f"/v1/checkpoints/{record.id}"
     return _out(record, with_tensors=True)

@@ -25,6 +25,7 @@ from app.core.jobstore import (
     JobRecord,
     JobStore,
     Status,
+    is_checkpoint_id,
     new_id,
     now,
 )
@@ -34,7 +35,6 @@ from workers.engine.errors import EngineError
 from workers.engine.layout import plan_layout
 
 router = APIRouter(prefix="/v1/merges", tags=["merges"], responses=responses(401, 422))
-CHECKPOINT_PREFIX = "ckpt_"
 CURSOR = r"^[0-9]{1,20}-[0-9]{1,20}$"
 
 
@@ -97,7 +97,7 @@ def _check_registered(store: JobStore, tenant: str, body: MergeRequest) -> None:
     """Resolve checkpoint ids and, when every input is registered, refuse incompatible ones now."""
     records = {}
     for ref in [body.base_model, *(m.model for m in body.models)]:
-        if ref.startswith(CHECKPOINT_PREFIX):
+        if is_checkpoint_id(ref):
             record = store.get_checkpoint(ref)
             if record is None or record.tenant != tenant:
                 raise ApiProblem(422, "input_not_found", f"no registered checkpoint {ref}")
@@ -116,7 +116,7 @@ def create_merge(body: MergeRequest, svc: ServicesDep, tenant: TenantDep, respon
                  idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
     settings, store = svc.settings, svc.store
     for i, ref in enumerate([body.base_model, *(m.model for m in body.models)]):
-        if not ref.startswith(CHECKPOINT_PREFIX):
+        if not is_checkpoint_id(ref):
             check_input_uri(settings, tenant, ref, "base_model" if i == 0 else f"models.{i - 1}.model")
     _check_registered(store, tenant, body)
     job_id = new_id("mrg")
