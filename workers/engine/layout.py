@@ -47,11 +47,9 @@ def align(base_names: set[str], model_names: set[str]) -> Alignment:
 
 @dataclass(frozen=True)
 class Layout:
-    shared: list[str]            # base names merged across models, in the base's storage order
-    copied: list[str]            # base tensors written unchanged (integer buffers, task-specific names)
+    shared: list[str]            # base names merged across models, in storage order; the rest are copied
     model_names: list[dict[str, str]]  # per task model: base name -> that model's own name, for shared tensors
     heads: list[list[str]]       # per task model: its own names of its task-specific tensors
-    alignments: list[Alignment]
 
 
 def storage_order(tensors: dict[str, TensorInfo]) -> list[str]:
@@ -64,8 +62,7 @@ def plan_layout(spec: MergeSpec, base: dict[str, TensorInfo], models: list[dict[
     base_names = set(base)
     order = storage_order(base)
     shared = [n for n in order if base[n].is_float and not spec.is_task_specific(n)]
-    copied = [n for n in order if n not in set(shared)]
-    alignments, model_names, heads = [], [], []
+    model_names, heads = [], []
     missing: dict[str, list[str]] = {}
     mismatched: list[dict] = []
     for ref, tensors in zip(spec.models, models, strict=True):
@@ -85,7 +82,6 @@ def plan_layout(spec: MergeSpec, base: dict[str, TensorInfo], models: list[dict[
                 if info.shape != base[n].shape or not info.is_float:
                     mismatched.append({"tensor": n, "model": task, "shape": list(info.shape), "dtype": info.dtype,
                                        "base_shape": list(base[n].shape)})
-        alignments.append(alignment)
         model_names.append({n: own[n] for n in shared if n in own})
         heads.append([name for name in tensors
                       if (c := alignment.to_base(name)) is None or c not in base_names or spec.is_task_specific(c)])
@@ -101,7 +97,7 @@ def plan_layout(spec: MergeSpec, base: dict[str, TensorInfo], models: list[dict[
     if problems:
         raise EngineError(ErrorCode.INCOMPATIBLE_CHECKPOINTS, "incompatible checkpoints: " + "; ".join(problems),
                           {"missing": missing, "mismatched": mismatched})
-    return Layout(shared, copied, model_names, heads, alignments)
+    return Layout(shared, model_names, heads)
 
 
 def _names(names: list[str]) -> str:

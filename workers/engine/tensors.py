@@ -110,8 +110,8 @@ class TensorSource:
         models = torch.empty((len(wanted), *base.shape), dtype=torch.float32, device=self.device)
         for i, k in enumerate(wanted):
             models[i].copy_(base if self.pruned[k] else self._read(self._models[k], self._own[k], rows))
-        start = rows[0] * (self.numel // self.shape[0]) if rows else 0
-        return Chunk(self.name, index, base, models, [self.weights[k] for k in wanted], self._seed, start)
+        return Chunk(self.name, index, base, models, [self.weights[k] for k in wanted], self._seed,
+                     self._start(rows))
 
     def chunks(self) -> Iterator[Chunk]:
         for i in range(len(self.row_ranges)):
@@ -127,19 +127,17 @@ class TensorSource:
 
     def task_vector(self, task: int) -> torch.Tensor:
         """The whole task vector of one task, float32, flattened: for statistics over a full tensor."""
+        if self.pruned[task]:
+            return torch.zeros(self.numel, dtype=torch.float32)
         out = torch.empty(self.numel, dtype=torch.float32)
         for rows in self.row_ranges:
-            start = rows[0] * (self.numel // self.shape[0]) if rows else 0
-            part = out[start:start + self._rows_numel(rows)].view(self._rows_shape(rows))
-            if self.pruned[task]:
-                part.zero_()
-                continue
+            shape = (rows[1] - rows[0], *self.shape[1:]) if rows else self.shape
+            start = self._start(rows)
+            part = out[start:start + math.prod(shape)].view(shape)
             part.copy_(self._read(self._models[task], self._own[task], rows))
             part.sub_(self._read(self._base, self.name, rows))
         return out
 
-    def _rows_shape(self, rows: tuple[int, int] | None) -> tuple[int, ...]:
-        return (rows[1] - rows[0], *self.shape[1:]) if rows else self.shape
-
-    def _rows_numel(self, rows: tuple[int, int] | None) -> int:
-        return math.prod(self._rows_shape(rows))
+    def _start(self, rows: tuple[int, int] | None) -> int:
+        """Flat index of the first entry of `rows`."""
+        return rows[0] * (self.numel // self.shape[0]) if rows else 0
