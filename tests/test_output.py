@@ -24,7 +24,7 @@ from workers.engine.spec import MergeSpec
 
 MERGEFORGE = [shutil.which("mergeforge")] if shutil.which("mergeforge") else [sys.executable, "-m",
                                                                             "workers.engine.cli"]
-METHODS = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp"}
+METHODS = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "adamerging", "tinting"}
 HEAD = ("classifier.weight", "classifier.bias")
 TIES_PARAMS = {"density": 0.5, "lambda": 0.9, "consensus": "sum", "merge": "mean", "scope": "tensor"}
 
@@ -332,7 +332,7 @@ def test_cancel_from_progress_leaves_nothing(bert_family, tmp_path, stage):
     assert all(not f.exists() for f in partial_files)
 
 
-def test_methods_json_lists_six_methods_with_schemas():
+def test_methods_json_lists_every_method_with_schemas():
     proc = subprocess.run([*MERGEFORGE, "methods", "--json"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     methods = {m["name"]: m for m in json.loads(proc.stdout)}

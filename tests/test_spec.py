@@ -34,7 +34,7 @@ def test_unknown_method_lists_the_available_ones():
         spec(method="tiess")
     message = str(info.value)
     assert "unknown merge method 'tiess'" in message
-    assert "available: dare_linear, dare_ties, linear, slerp, task_arithmetic, ties" in message
+    assert "available: adamerging, dare_linear, dare_ties, linear, slerp, task_arithmetic, ties, tinting" in message
 
 
 @pytest.mark.parametrize(("method", "parameters", "field"), [

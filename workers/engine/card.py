@@ -9,8 +9,16 @@ import yaml
 from workers.engine import __version__
 from workers.engine.spec import MergeSpec
 
+_ADAPTED_FILES = {
+    "coefficients.json": "the task x layer coefficient table (null where LwPTV pruned a layer)",
+    "coefficients.png": "that table as a heatmap",
+    "loss_curve.json": "the loss per step, summed and per task",
+    "loss_curve.png": "that curve as a plot",
+}
 
-def model_card(spec: MergeSpec, heads: dict[str, list[str]], lwptv: dict[str, Any] | None, dtype: str) -> str:
+
+def model_card(spec: MergeSpec, heads: dict[str, list[str]], lwptv: dict[str, Any] | None, dtype: str,
+               adapted_files: list[str] | None = None) -> str:
     front = {"base_model": spec.base_model, "tags": ["merge", "mergeforge", spec.method],
              "library_name": "transformers"}
     method = spec.method_cls
@@ -27,9 +35,15 @@ def model_card(spec: MergeSpec, heads: dict[str, list[str]], lwptv: dict[str, An
         lines += ["Per-tensor overrides (later ones win):", ""]
         lines += [f"- `{o.match}`: {o.parameters}" for o in spec.overrides]
         lines.append("")
-    lines += ["## Inputs", "", "| task | checkpoint | weight |", "| --- | --- | --- |"]
-    lines += [f"| {m.task_name()} | `{m.model}` | {m.weight} |" for m in spec.models]
+    lines += ["## Inputs", "", "| task | checkpoint | weight | data |", "| --- | --- | --- | --- |"]
+    lines += [f"| {m.task_name()} | `{m.model}` | {m.weight} | {f'`{m.data}`' if m.data else '-'} |"
+              for m in spec.models]
     lines.append("")
+    if adapted_files:
+        lines += ["## Learned coefficients", "",
+                  "The merging coefficients were learned on each task's unlabeled data (see Method). Files:", ""]
+        lines += [f"- `{name}`: {_ADAPTED_FILES.get(name, '')}" for name in adapted_files]
+        lines.append("")
     if lwptv:
         lines += ["## LwPTV layer pruning (arXiv 2506.09093)", "",
                   f"Score `{spec.lwptv.score}`, q {spec.lwptv.q}, eta {spec.lwptv.eta}, granularity "

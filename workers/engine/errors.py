@@ -12,6 +12,8 @@ class ErrorCode(StrEnum):
     INVALID_CHECKPOINT = "invalid_checkpoint"
     INCOMPATIBLE_CHECKPOINTS = "incompatible_checkpoints"
     INVALID_PARAMETERS = "invalid_parameters"
+    INVALID_DATA = "invalid_data"
+    UNSUPPORTED_MODEL = "unsupported_model"
     CANCELLED = "cancelled"
     INTERNAL = "internal"
 

@@ -21,9 +21,13 @@ from typing import Any
 import torch
 
 from workers.engine import __version__, lwptv
+from workers.engine.adaptive.loop import Adapted, AdaptRun
+from workers.engine.adaptive.loop import fingerprint as adaptive_fingerprint
+from workers.engine.adaptive.method import AdaptiveMethod
+from workers.engine.adaptive.report import write_report
 from workers.engine.allocator import tune_allocator
 from workers.engine.card import model_card
-from workers.engine.checkpoint import TORCH_DTYPES, Checkpoint
+from workers.engine.checkpoint import TORCH_DTYPES, Checkpoint, local_path
 from workers.engine.errors import EngineError, ErrorCode
 from workers.engine.files import INDEX_FILE, is_pickle
 from workers.engine.layout import Layout, plan_layout, storage_order
@@ -36,14 +40,26 @@ MANIFEST = "merge_manifest.json"
 LWPTV_FILE = "lwptv.json"
 CARD = "README.md"
 _NOT_COPIED = {INDEX_FILE, CARD, MANIFEST, LWPTV_FILE}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
+ADAPT_PASSES = 20  # progress share of an adaptation, in passes over the shared tensors
 _DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
 class Progress:
-    stage: str      # validate, lwptv, thresholds, merge, heads, finalize
+    stage: str      # validate, lwptv, thresholds, adapt, merge, heads, finalize
     fraction: float  # of the whole merge, 0..1
     message: str
+    metrics: dict[str, Any] | None = None  # adapt: step, loss per task
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where an adaptive method keeps its state between attempts; `on_saved` is called after each save (the
+    service uploads it, so a redelivered job resumes on any worker)."""
+
+    path: Path
+    on_saved: Callable[[Path], None] | None = None
 
 
 ProgressFn = Callable[[Progress], None]
@@ -65,13 +81,13 @@ class _Tracker:
         self.stage = stage
         self._emit(message)
 
-    def tick(self, numel: int) -> None:
+    def tick(self, numel: int, message: str = "", metrics: dict[str, Any] | None = None) -> None:
         self.done += numel
-        self._emit("")
+        self._emit(message, metrics)
 
-    def _emit(self, message: str) -> None:
+    def _emit(self, message: str, metrics: dict[str, Any] | None = None) -> None:
         if self.callback:
-            self.callback(Progress(self.stage, min(self.done / self.total, 1.0), message))
+            self.callback(Progress(self.stage, min(self.done / self.total, 1.0), message, metrics))
 
 
 def _sha256(path: Path) -> str:
@@ -111,11 +127,12 @@ def default_threads() -> int:
 
 
 @contextmanager
-def _single_threaded_ops():
+def _torch_threads(n: int):
     """The engine parallelises over chunks on its own threads; torch's intra-op pool on top of that only adds
-    barrier waits, which become catastrophic when other processes share the cores."""
+    barrier waits, which become catastrophic when other processes share the cores. Training (adaptive methods)
+    is one big op at a time and takes the pool back."""
     previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
@@ -131,20 +148,22 @@ def resolve_device(device: str | None) -> str:
 
 def run_merge(spec: MergeSpec, out_dir: str | Path, progress: ProgressFn | None = None,
               threads: int | None = None, known_sha256: Mapping[Path, str] | None = None,
-              device: str | None = "cpu") -> MergeResult:
+              device: str | None = "cpu", resume: Resume | None = None) -> MergeResult:
     """Merge as `spec` says into `out_dir`, which must not exist yet (or be empty). `progress` is called often
     with the stage and overall fraction; raising from it cancels the merge and leaves nothing behind.
     `known_sha256` spares hashing input files whose digest the caller already has (a content-addressed cache).
     `device`: where chunks are computed ('cpu', 'cuda', 'auto'); reading, statistics by partition and writing stay
-    on the CPU, and the output bytes are the same on any device up to float rounding of the arithmetic."""
+    on the CPU, and the output bytes are the same on any device up to float rounding of the arithmetic.
+    `resume`: where adaptive methods save their state and look for one to resume from."""
     threads = threads or default_threads()
     tune_allocator()
-    with ThreadPoolExecutor(threads, thread_name_prefix="merge") as executor, _single_threaded_ops():
-        return _run(spec, Path(out_dir), progress, executor, threads, known_sha256 or {}, resolve_device(device))
+    with ThreadPoolExecutor(threads, thread_name_prefix="merge") as executor, _torch_threads(1):
+        return _run(spec, Path(out_dir), progress, executor, threads, known_sha256 or {}, resolve_device(device),
+                    resume)
 
 
 def _run(spec: MergeSpec, out_dir: Path, progress: ProgressFn | None, executor: ThreadPoolExecutor,
-         threads: int, known: Mapping[Path, str], device: str) -> MergeResult:
+         threads: int, known: Mapping[Path, str], device: str, resume: Resume | None) -> MergeResult:
     started = time.perf_counter()
     timings: dict[str, float] = {}
     base = Checkpoint.open(spec.base_model)
@@ -158,7 +177,8 @@ def _run(spec: MergeSpec, out_dir: Path, progress: ProgressFn | None, executor: 
         digests += [hasher.submit(_input_digests, "base", "base", base, known)]
         digests += [hasher.submit(_input_digests, "model", m.task_name(), c, known)
                     for m, c in zip(spec.models, models, strict=True)]
-        manifest = _merge_into(spec, base, models, layout, tmp, progress, timings, executor, 2 * threads, device)
+        manifest = _merge_into(spec, base, models, layout, tmp, progress, timings, executor, threads, device,
+                               resume)
         manifest["inputs"] = [d.result() for d in digests]
         manifest["timings"] = {k: round(v, 3) for k, v in {**timings,
                                "total_s": time.perf_counter() - started}.items()}
@@ -180,7 +200,7 @@ def _run(spec: MergeSpec, out_dir: Path, progress: ProgressFn | None, executor: 
 
 def _merge_into(spec: MergeSpec, base: Checkpoint, models: list[Checkpoint], layout: Layout, tmp: Path,
                 progress: ProgressFn | None, timings: dict[str, float], executor: ThreadPoolExecutor,
-                window: int, device: str) -> dict[str, Any]:
+                threads: int, device: str, resume: Resume | None) -> dict[str, Any]:
     method = spec.method_cls()
     task_names = [m.task_name() for m in spec.models]
     weights = [m.weight for m in spec.models]
@@ -189,11 +209,12 @@ def _merge_into(spec: MergeSpec, base: Checkpoint, models: list[Checkpoint], lay
     fractions = sorted({f for p in params.values() if (f := method.global_fraction(p)) is not None})
     sources = [TensorSource(name, base, models, [own[name] for own in layout.model_names],
                             [False] * len(models), weights, spec.seed, check_finite=True, executor=executor,
-                            window=window, device=device)
+                            window=2 * threads, device=device)
                for name in layout.shared]
     shared_numel = sum(s.numel for s in sources)
-    passes = 1 + 2 * len(fractions) + (3 if spec.lwptv and spec.lwptv.score == "saliency" else 1 if spec.lwptv
-                                       else 0)
+    adaptive = isinstance(method, AdaptiveMethod)
+    passes = (1 + 2 * len(fractions) + (3 if spec.lwptv and spec.lwptv.score == "saliency" else 1 if spec.lwptv
+                                        else 0) + (ADAPT_PASSES if adaptive else 0))
     tracker = _Tracker(progress, shared_numel * passes)
     tracker.enter("validate", f"{len(layout.shared)} shared tensors, {len(task_names)} task models")
 
@@ -221,6 +242,19 @@ def _merge_into(spec: MergeSpec, base: Checkpoint, models: list[Checkpoint], lay
             finished_pass()
         timings["thresholds_s"] = time.perf_counter() - t
 
+    adapted_files: list[Path] = []
+    head_overrides: dict[str, dict[str, torch.Tensor]] = {}
+    if adaptive:
+        t = time.perf_counter()
+        tracker.enter("adapt", f"learning coefficients with {spec.method}")
+        with _torch_threads(threads):
+            adapted = _adapt(spec, method, sources, base, models, layout, task_names, device, resume, shared_numel,
+                             tracker)
+        finished_pass()
+        head_overrides = adapted.heads
+        adapted_files = write_report(adapted, task_names, spec.method_params.model_dump(), tmp)
+        timings["adapt_s"] = time.perf_counter() - t
+
     t = time.perf_counter()
     tracker.enter("merge", f"merging with {spec.method}")
     by_name = {s.name: s for s in sources}
@@ -247,16 +281,19 @@ def _merge_into(spec: MergeSpec, base: Checkpoint, models: list[Checkpoint], lay
     tracker.enter("heads", "writing task-specific tensors")
     heads = {task: names for task, names in zip(task_names, layout.heads, strict=True)}
     for ckpt, task, names in zip(models, task_names, layout.heads, strict=True):
-        if names:
-            outputs += _write_heads(ckpt, task, names, tmp)
+        own = head_overrides.get(task, {})
+        heads[task] = [*names, *(n for n in own if n not in names)]
+        if heads[task]:
+            outputs += _write_heads(ckpt, task, heads[task], tmp, own, out_dtype)
 
     tracker.enter("finalize", "writing config, model card and manifest")
-    extra = _copy_side_files(base, tmp, out_dtype)
+    extra = _copy_side_files(base, tmp, out_dtype) + adapted_files
     if lwptv_report is not None:
         (tmp / LWPTV_FILE).write_text(json.dumps(lwptv_report, indent=2) + "\n")
         extra.append(tmp / LWPTV_FILE)
     dtype_name = str(out_dtype).removeprefix("torch.")
-    (tmp / CARD).write_text(model_card(spec, heads, lwptv_report, dtype_name))
+    (tmp / CARD).write_text(model_card(spec, heads, lwptv_report, dtype_name,
+                                       [p.name for p in adapted_files]))
     extra.append(tmp / CARD)
     outputs += [WrittenFile(str(p.relative_to(tmp)), _sha256(p), p.stat().st_size) for p in extra]
     return {
@@ -270,6 +307,36 @@ def _merge_into(spec: MergeSpec, base: Checkpoint, models: list[Checkpoint], lay
     }
 
 
+def _adapt(spec: MergeSpec, method: AdaptiveMethod, sources: list[TensorSource], base: Checkpoint,
+           models: list[Checkpoint], layout: Layout, task_names: list[str], device: str, resume: Resume | None,
+           shared_numel: int, tracker: _Tracker) -> Adapted:
+    share = shared_numel * ADAPT_PASSES
+
+    def on_step(step: int, steps: int, metrics: dict[str, Any]) -> None:
+        tracker.tick(share // max(steps, 1), f"step {step}/{steps}: {metrics['metric']} {metrics['loss']:.4f}",
+                     metrics)
+
+    fingerprint = adaptive_fingerprint(spec.model_dump(mode="json", by_alias=True, include={
+        "method", "parameters", "overrides", "lwptv", "task_specific", "seed"}) | {"tasks": task_names})
+    run = AdaptRun(sources, models, layout.model_names, task_names,
+                   [local_path(m.data or "") for m in spec.models],
+                   [_tokenizer_folder(c, base) for c in models], torch.device(device), spec.seed, fingerprint,
+                   on_step, resume.path if resume else None, resume.on_saved if resume else None)
+    adapted = method.adapt(spec.method_params, run)
+    if adapted.resumed_from:
+        tracker.tick(share * adapted.resumed_from // max(spec.method_params.steps, 1),
+                     f"resumed from step {adapted.resumed_from}")
+    return adapted
+
+
+def _tokenizer_folder(ckpt: Checkpoint, base: Checkpoint) -> Path | None:
+    """The task's own tokenizer, else the base's."""
+    for folder in (ckpt.folder, base.folder):
+        if folder is not None and any((folder / n).is_file() for n in TOKENIZER_FILES):
+            return folder
+    return None
+
+
 def _copy_base(base: Checkpoint, name: str, writer: ShardedWriter, source: TensorSource | None) -> None:
     """Write a base tensor unchanged but for the output dtype, chunk by chunk."""
     if source is None:
@@ -279,11 +346,16 @@ def _copy_base(base: Checkpoint, name: str, writer: ShardedWriter, source: Tenso
         writer.write(name, base.read(name, rows))
 
 
-def _write_heads(ckpt: Checkpoint, task: str, names: list[str], tmp: Path) -> list[WrittenFile]:
-    entries = [Planned(n, TORCH_DTYPES[ckpt.tensors[n].dtype], ckpt.tensors[n].shape) for n in names]
+def _write_heads(ckpt: Checkpoint, task: str, names: list[str], tmp: Path,
+                 overrides: Mapping[str, torch.Tensor], out_dtype: torch.dtype) -> list[WrittenFile]:
+    """A task's own tensors; `overrides` (adaptive methods' tinted layers) replace or add tensors, in the
+    checkpoint's dtype for its own tensors and the output dtype for added copies of shared ones."""
+    entries = [Planned(n, TORCH_DTYPES[ckpt.tensors[n].dtype] if n in ckpt.tensors else out_dtype,
+                       tuple(overrides[n].shape) if n in overrides else ckpt.tensors[n].shape) for n in names]
     writer = ShardedWriter(tmp / "heads", entries, filename=f"{task}.safetensors")
-    for name in names:
-        writer.write(name, ckpt.read(name))
+    for entry in entries:
+        writer.write(entry.name, overrides[entry.name].to(entry.dtype) if entry.name in overrides
+                     else ckpt.read(entry.name))
     return [WrittenFile(f"heads/{f.path}", f.sha256, f.size) for f in writer.close()]
 
 

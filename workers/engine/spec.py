@@ -44,6 +44,9 @@ class ModelRef(_Strict):
     name: str | None = Field(default=None,
                              description="Task name, used for heads/ and lwptv.json; default: from the path.")
     weight: float = Field(default=1.0, ge=0.0, description="Per-model weight (linear, task arithmetic, TIES, DARE).")
+    data: str | None = Field(default=None, min_length=1, description="Unlabeled inputs of this task, for adaptive "
+                             "methods (adamerging, tinting): JSONL with a `text` field per line, or a .safetensors "
+                             "file of model inputs (input_ids with optional attention_mask, or pixel_values).")
 
     @field_validator("name")
     @classmethod
@@ -147,6 +150,18 @@ class MergeSpec(_Strict):
             wanted = (f"exactly {method.min_models}" if method.min_models == method.max_models
                       else f"at least {method.min_models}")
             raise ValueError(f"method {self.method!r} takes {wanted} task model(s), got {n}")
+        if method.uses_data:
+            lacking = [m.task_name() for m in self.models if not m.data]
+            if lacking:
+                raise ValueError(f"method {self.method!r} learns from each task's unlabeled inputs: set `data` on "
+                                 f"every model (lacking: {', '.join(lacking)})")
+            weighted = [m.task_name() for m in self.models if m.weight != 1.0]
+            if weighted:
+                raise ValueError(f"method {self.method!r} learns the weights; remove `weight` from "
+                                 f"{', '.join(weighted)}")
+        elif any(m.data for m in self.models):
+            raise ValueError(f"method {self.method!r} uses no data; `data` is for adaptive methods "
+                             "(adamerging, tinting)")
         names = [m.task_name() for m in self.models]
         dupes = sorted({x for x in names if names.count(x) > 1})
         if dupes:
@@ -208,4 +223,6 @@ def load_spec(path: str | Path) -> MergeSpec:
     for m in data.get("models") or []:
         if isinstance(m, dict):
             m["model"] = resolve(m.get("model"))
+            if m.get("data") is not None:
+                m["data"] = resolve(m["data"])
     return MergeSpec.model_validate(data)

@@ -38,6 +38,7 @@ class MergeMethod:
     Params: ClassVar[type[MethodParams]]
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
+    uses_data: ClassVar[bool] = False  # adaptive methods learn from each task's unlabeled inputs
 
     def global_fraction(self, params: Any) -> float | None:
         return None
@@ -59,6 +60,7 @@ class MergeMethod:
             "summary": cls.summary(),
             "description": (cls.__doc__ or "").strip(),
             "models": {"min": cls.min_models, "max": cls.max_models},
+            "uses_data": cls.uses_data,
             "parameters": cls.Params.model_json_schema(),
         }
 

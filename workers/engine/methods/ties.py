@@ -58,6 +58,17 @@ def trim(taus: torch.Tensor, cuts: list[Cut], start: int = 0) -> torch.Tensor:
     return taus
 
 
+def agreement(d: torch.Tensor, consensus: str) -> torch.Tensor:
+    """1.0 where d_k (stacked [task, ...]) has the elected sign, else 0.0; the elected sign is that of sum_k d_k
+    (or of sum_k sgn(d_k) for `count`), +1 where that is 0."""
+    import torch
+
+    agree = d.sign()
+    score = d.sum(0) if consensus == "sum" else agree.sum(0)
+    elected = torch.ones_like(score).copysign_(score.add_(0.0))  # +1 where the score is 0 (or -0)
+    return agree.mul_(elected).clamp_(min=0)
+
+
 def elect_and_merge(deltas: torch.Tensor, weights: list[float], consensus: str, mode: str) -> torch.Tensor:
     """Elect a sign per entry, then combine only the entries that agree with it. `deltas` is [task, ...] and is
     overwritten.
@@ -71,10 +82,7 @@ def elect_and_merge(deltas: torch.Tensor, weights: list[float], consensus: str, 
     unit = all(w == 1.0 for w in weights)
     w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device).view(-1, *[1] * (deltas.dim() - 1))
     d = deltas if unit else deltas.mul_(w)
-    agree = d.sign()
-    score = d.sum(0) if consensus == "sum" else agree.sum(0)
-    elected = torch.ones_like(score).copysign_(score.add_(0.0))  # +1 where the score is 0 (or -0)
-    agree.mul_(elected).clamp_(min=0)  # 1 where d_k has the elected sign, else 0
+    agree = agreement(d, consensus)
     numerator = d.mul_(agree).sum(0)
     if mode == "sum":
         return numerator
