@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from conftest import tiny_bert_config
 from safetensors.torch import save_file
-
-from tests.conftest import tiny_bert_config
 
 VOCAB = 120
 LENGTH = 12

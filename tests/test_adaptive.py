@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from adaptive_family import AdaptiveFamily, build_adaptive_family
 from safetensors.torch import load_file, save_file
 
-from tests.adaptive_family import AdaptiveFamily, build_adaptive_family
 from workers.engine.errors import EngineError
 from workers.engine.merge import Progress, Resume, run_merge
 from workers.engine.spec import MergeSpec

@@ -27,6 +27,7 @@ from workers.engine.spec import MergeSpec
 
 log = logging.getLogger(__name__)
 MANIFEST = "merge_manifest.json"
+STATE = "state/adaptive.safetensors"  # under the job's output: an adaptive method's resumable state
 FETCH, MERGE = 0.1, 0.85  # shares of the progress bar: fetch, merge, then upload
 
 
@@ -105,19 +106,23 @@ class JobRunner:
         known: dict[Path, str] = {}
         local = [self._fetch(job, ref, workdir / "inputs" / str(i), i / len(refs), known)
                  for i, ref in enumerate(refs)]
+        data = [self._fetch_data(job, m.data, workdir / "data" / str(i)) if m.data else None
+                for i, m in enumerate(spec.models)]
         local_spec = spec.model_copy(update={
             "base_model": str(local[0]),
-            "models": [m.model_copy(update={"model": str(p), "name": m.task_name()})
-                       for m, p in zip(spec.models, local[1:], strict=True)]})
+            "models": [m.model_copy(update={"model": str(p), "name": m.task_name(), "data": d and str(d)})
+                       for m, p, d in zip(spec.models, local[1:], data, strict=True)]})
         beat = _Beat(self, job.id)
 
         def on_progress(p: Progress) -> None:
-            beat(p.stage, FETCH + MERGE * p.fraction, p.message)
+            beat(p.stage, FETCH + MERGE * p.fraction, p.message, p.metrics)
 
         out = workdir / "out"
         self._event(job.id, "merge", FETCH, f"merging with {spec.method}")
-        run_merge(local_spec, out, on_progress, known_sha256=known, device=self.settings.device)
+        run_merge(local_spec, out, on_progress, known_sha256=known, device=self.settings.device,
+                  resume=self._resume(job, storage, workdir) if spec.method_cls.uses_data else None)
         self._upload(job, out, prefix, storage, beat)
+        _delete_state(storage, job)
 
     def _fetch(self, job: JobRecord, ref: str, dest: Path, share: float, known: dict[Path, str]) -> Path:
         uri = ref
@@ -135,6 +140,43 @@ class JobRunner:
             raise EngineError(ErrorCode.INPUT_NOT_FOUND, f"cannot read {uri}: {exc}", {"uri": uri}) from None
         known.update({dest / name: digest for name, digest in digests.items()})
         return path
+
+    def _fetch_data(self, job: JobRecord, uri: str, dest: Path) -> Path:
+        """One task's unlabeled inputs (a single file), through the cache like checkpoints."""
+        self._check_cancel(job.id)
+        self._sources[str(dest)] = uri
+        storage = self.storages.for_uri(uri)
+        try:
+            info = next((o for o in storage.list(uri) if o.uri == uri), None)
+            if info is None:
+                raise EngineError(ErrorCode.INPUT_NOT_FOUND, f"{uri}: no such file (data is one JSONL or "
+                                  ".safetensors file)", {"uri": uri})
+            cached, _ = self.cache.object_for(storage, info)
+        except StorageError as exc:
+            raise EngineError(ErrorCode.INPUT_NOT_FOUND, f"cannot read {uri}: {exc}", {"uri": uri}) from None
+        dest.mkdir(parents=True, exist_ok=True)
+        path = dest / uri.rsplit("/", 1)[-1]
+        os.link(cached, path)
+        return path
+
+    def _resume(self, job: JobRecord, storage: Any, workdir: Path) -> Any:
+        """The adaptive state a previous attempt saved, fetched for the engine to resume from; every save is
+        uploaded back, so a redelivered job resumes on any worker."""
+        from workers.engine.merge import Resume
+
+        local = workdir / "state.safetensors"
+        uri = join(job.output, STATE)
+        try:
+            storage.download(uri, local)
+            self._event(job.id, "adapt", FETCH, "found the state a previous attempt saved")
+        except StorageError:  # none saved yet
+            local.unlink(missing_ok=True)
+
+        def saved(path: Path) -> None:
+            self._hold_lease(job.id)
+            storage.upload(path, uri)
+
+        return Resume(local, saved)
 
     def _upload(self, job: JobRecord, out: Path, prefix: str, storage: Any, beat: _Beat) -> None:
         manifest = json.loads((out / MANIFEST).read_text())
@@ -164,10 +206,11 @@ class JobRunner:
         self._ended(finished)
 
     # ------------------------------------------------------------------------------------------- helpers
-    def _event(self, job_id: str, stage: str, fraction: float, message: str) -> None:
+    def _event(self, job_id: str, stage: str, fraction: float, message: str,
+               metrics: dict[str, Any] | None = None) -> None:
         try:
             self.store.update(job_id, allowed={Status.RUNNING, Status.CANCELLING}, stage=stage, progress=fraction)
-            self.store.add_event(job_id, stage, fraction, message)
+            self.store.add_event(job_id, stage, fraction, message, metrics=metrics)
         except Exception:  # Redis restarting: progress is best effort, the merge goes on
             log.warning("could not record progress of %s", job_id, exc_info=True)
 
@@ -193,12 +236,17 @@ class JobRunner:
                                 status=Status.FAILED, stage="failed", finished_at=now(),
                                 error=JobError(code=code, message=message, detail=detail or {}))
         if job is not None:
+            try:
+                _delete_state(self.storages.for_uri(job.output), job)
+            except Exception:  # the failure is recorded; a stale state is only ignored by a later job
+                log.warning("could not delete the saved state of %s", job_id, exc_info=True)
             self._ended(job)
 
     def _finish(self, job: JobRecord, status: Status, stage: str) -> None:
         storage = self.storages.for_uri(job.output)
         for attempt in range(1, job.attempts + 1):
             storage.delete_prefix(join(job.output, f"attempt-{attempt}"))
+        _delete_state(storage, job)
         ended = self.store.update(job.id, allowed={Status.QUEUED, Status.RUNNING, Status.CANCELLING}, status=status,
                                   stage=stage, finished_at=now())
         if ended is not None:
@@ -211,6 +259,10 @@ class JobRunner:
             deliver_webhook(self.store, job)
 
 
+def _delete_state(storage: Any, job: JobRecord) -> None:
+    storage.delete_prefix(join(job.output, STATE.split("/")[0]))
+
+
 class _Beat:
     """Throttled progress: the record at most twice a second, an event a second or on a stage change; the lease
     is refreshed and cancellation checked on the way (raising Cancelled stops the engine between tensors)."""
@@ -220,11 +272,11 @@ class _Beat:
         self.last_event = self.last_check = 0.0
         self.stage = ""
 
-    def __call__(self, stage: str, fraction: float, message: str) -> None:
+    def __call__(self, stage: str, fraction: float, message: str, metrics: dict[str, Any] | None = None) -> None:
         t = time.monotonic()
         if stage != self.stage or t - self.last_event >= 1.0:
             self.stage, self.last_event = stage, t
-            self.runner._event(self.job_id, stage, fraction, message)
+            self.runner._event(self.job_id, stage, fraction, message, metrics)
         if self.runner.keeper.lost.is_set():
             raise LeaseLost()
         if t - self.last_check >= 0.5:

@@ -118,6 +118,9 @@ def create_merge(body: MergeRequest, svc: ServicesDep, tenant: TenantDep, respon
     for i, ref in enumerate([body.base_model, *(m.model for m in body.models)]):
         if not is_checkpoint_id(ref):
             check_input_uri(settings, tenant, ref, "base_model" if i == 0 else f"models.{i - 1}.model")
+    for i, m in enumerate(body.models):
+        if m.data is not None:
+            check_input_uri(settings, tenant, m.data, f"models.{i}.data")
     _check_registered(store, tenant, body)
     job_id = new_id("mrg")
     spec = body.model_dump(mode="json", by_alias=True, exclude={"output", "metadata", "webhook_url"})
