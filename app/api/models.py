@@ -95,6 +95,7 @@ class MethodOut(BaseModel):
     summary: str
     description: str
     models: dict[str, int | None]
+    uses_data: bool = Field(description="Adaptive: learns from each model's unlabeled `data`.")
     parameters: dict[str, Any]
 
 
