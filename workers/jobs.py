@@ -274,7 +274,8 @@ class _Beat:
 
     def __call__(self, stage: str, fraction: float, message: str, metrics: dict[str, Any] | None = None) -> None:
         t = time.monotonic()
-        if stage != self.stage or t - self.last_event >= 1.0:
+        last_step = bool(metrics) and metrics.get("step") == metrics.get("steps")
+        if stage != self.stage or t - self.last_event >= 1.0 or last_step:
             self.stage, self.last_event = stage, t
             self.runner._event(self.job_id, stage, fraction, message, metrics)
         if self.runner.keeper.lost.is_set():

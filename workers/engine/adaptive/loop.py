@@ -233,7 +233,7 @@ def optimise(method: AdaptiveMethod, params: AdaptiveParams, run: AdaptRun) -> A
         curve.append(point)
         if run.state_file is not None and ((step + 1) % params.save_every == 0 or step + 1 == params.steps):
             _save(run, optimizer, [coefficients, *trainables], step + 1, curve)
-        run.on_step(step + 1, params.steps, {**point, "metric": objective.metric,
+        run.on_step(step + 1, params.steps, {**point, "steps": params.steps, "metric": objective.metric,
                                              "step_s": round(time.perf_counter() - started, 4)})
     with torch.no_grad():
         final = (coefficients.clamp(0.0, 1.0) if params.clamp else coefficients).cpu()
