@@ -86,7 +86,6 @@ class PseudoLabels:
         return value, float(value.detach())
 
     def heads(self) -> dict[str, dict[str, torch.Tensor]]:
-        tasks = [m.task for m in self.a.models]
         with torch.no_grad():
-            return {task: {name: t.detach().cpu() for name, t in self.overrides(k).items()}
-                    for k, task in enumerate(tasks)}
+            return {model.task: {model.stored_as[name]: t.detach().cpu() for name, t in self.overrides(k).items()}
+                    for k, model in enumerate(self.a.models)}
