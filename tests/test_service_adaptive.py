@@ -113,3 +113,19 @@ def test_worker_killed_mid_adaptation_resumes_from_saved_state(tmp_path, s3_serv
         assert table["resumed_from_step"] >= 20 and table["resumed_from_step"] % 10 == 0
         messages = [e["message"] for e in events(client, job["id"])]
         assert "found the state a previous attempt saved" in messages
+
+
+def test_cancel_stops_an_adaptation_between_steps(service, stored, s3_server):
+    with service.client() as client:
+        job = client.post("/v1/merges", json=spec(stored, steps=100_000, save_every=5, lr=0.01)).json()
+        for _ in range(600):
+            if any(e["metrics"].get("step", 0) >= 5 for e in events(client, job["id"])):
+                break
+            time.sleep(0.2)
+        response = client.post(f"/v1/merges/{job['id']}/cancel")
+        assert response.status_code == 200, response.text
+        done = wait_for_job(client, job["id"], ENDED, timeout=60)
+        assert done["status"] == "cancelled" and not done["artifacts"]
+        steps = [e["metrics"]["step"] for e in events(client, job["id"]) if e["metrics"].get("step")]
+        assert steps and max(steps) < 100_000
+        assert not keys_under(s3_server, done["output"])  # neither artifacts nor the saved state are left
