@@ -322,7 +322,7 @@ def _adapt(spec: MergeSpec, method: AdaptiveMethod, sources: list[TensorSource],
     fingerprint = adaptive_fingerprint(spec.model_dump(mode="json", by_alias=True, include={
         "method", "parameters", "overrides", "lwptv", "task_specific", "seed"}) | {"tasks": task_names})
     run = AdaptRun(sources, models, layout.model_names, task_names,
-                   [local_path(m.data or "") for m in spec.models],
+                   [local_path(m.data) for m in spec.models if m.data],
                    [_tokenizer_folder(c, base) for c in models], torch.device(device), spec.seed, fingerprint,
                    on_step, resume.path if resume else None, resume.on_saved if resume else None)
     adapted = method.adapt(spec.method_params, run)

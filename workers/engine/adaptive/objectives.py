@@ -60,9 +60,9 @@ class PseudoLabels:
                     raise EngineError(ErrorCode.INVALID_PARAMETERS, f"tint: {tint!r} is not a merged tensor "
                                       f"(base naming); for example {listed}", {"tint": tint})
                 self.tinted.append({tint: torch.zeros_like(adaptation.merged[tint], requires_grad=True)})
-
-    def _own_name(self, task: int) -> str:
-        return next(own for own, base in self.a.models[task].shared.items() if base == self.tint)
+        # Each task's parameter name for the tinted shared tensor, looked up once rather than at every step.
+        self.tinted_name = [] if tint == "head" else [
+            next(own for own, base in model.shared.items() if base == tint) for model in adaptation.models]
 
     def trainables(self) -> list[torch.Tensor]:
         return [t for tinted in self.tinted for t in tinted.values()]
@@ -70,7 +70,7 @@ class PseudoLabels:
     def overrides(self, task: int) -> dict[str, torch.Tensor]:
         if self.tint == "head":
             return self.tinted[task]
-        return {self._own_name(task): self.a.merged[self.tint] + self.tinted[task][self.tint]}
+        return {self.tinted_name[task]: self.a.merged[self.tint] + self.tinted[task][self.tint]}
 
     def loss(self, task: int, logits: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor | None, float]:
         index = index.to(logits.device)
