@@ -265,6 +265,36 @@ def test_adaptive_methods_need_data_and_no_weights(family):
                                   "models": [{"model": str(family.tasks[0]), "data": "x.jsonl"}]})
 
 
+def test_an_adaptation_that_cannot_fit_fails_before_loading(family, tmp_path, monkeypatch):
+    from workers.engine.adaptive import memory
+
+    numel = sum(t.numel() for t in load_file(str(family.base / "model.safetensors")).values())
+    need = memory.resident_bytes(numel, len(family.tasks), torch.float32)
+    assert need == numel * (12 + 4 * len(family.tasks))
+    assert (memory.free_bytes(torch.device("cpu")) or need) >= need  # this machine holds the tiny model
+    monkeypatch.setattr(memory, "free_bytes", lambda device: need - 1)
+    stages = []
+    with pytest.raises(EngineError) as err:
+        run_merge(spec_for(family, parameters=FAST), tmp_path / "m", lambda p: stages.append(p.metrics))
+    assert err.value.code.value == "insufficient_memory"
+    assert "3 task vectors" in err.value.message and "bfloat16 halves" in err.value.message
+    assert err.value.detail["needed_bytes"] == need and err.value.detail["free_bytes"] == need - 1
+    assert not any(stages) and not (tmp_path / "m").exists()
+
+
+def test_running_out_of_device_memory_mid_run_is_a_clear_failure(family, tmp_path, monkeypatch):
+    from workers.engine.adaptive.loop import Adaptation
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Adaptation, "logits", exhausted)
+    with pytest.raises(EngineError) as err:
+        run_merge(spec_for(family, parameters={**FAST, "batch_size": 8}), tmp_path / "m")
+    assert err.value.code.value == "insufficient_memory"
+    assert "batch of 8 inputs" in err.value.message and not (tmp_path / "m").exists()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("method", ["adamerging", "tinting"])
 def test_cuda_adaptation_matches_cpu(family, tmp_path, method):

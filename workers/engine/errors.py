@@ -14,6 +14,7 @@ class ErrorCode(StrEnum):
     INVALID_PARAMETERS = "invalid_parameters"
     INVALID_DATA = "invalid_data"
     UNSUPPORTED_MODEL = "unsupported_model"
+    INSUFFICIENT_MEMORY = "insufficient_memory"
     CANCELLED = "cancelled"
     INTERNAL = "internal"
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from workers.engine.adaptive.data import TaskData, load_task_data
+from workers.engine.adaptive.memory import check_fits, out_of_memory
 from workers.engine.adaptive.models import TaskModel, build_task_model
 from workers.engine.checkpoint import Checkpoint
 from workers.engine.errors import EngineError, ErrorCode
@@ -122,6 +123,7 @@ class Adaptation:
                                                  strict=True)]
         names = [s.name for s in run.sources]
         self.groups, self.group_of = group_names(names, params.granularity, params.block_pattern)
+        check_fits(sum(s.numel for s in run.sources), self.n_tasks, self.vector_dtype, self.device)
         self.mask = torch.zeros(self.n_tasks, len(self.groups), device=self.device)
         self.base: dict[str, torch.Tensor] = {}
         self.taus: dict[str, torch.Tensor] = {}
@@ -206,6 +208,13 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 def optimise(method: AdaptiveMethod, params: AdaptiveParams, run: AdaptRun) -> Adapted:
     adaptation = Adaptation(method, params, run)
+    try:
+        return _optimise(method, params, run, adaptation)
+    except torch.OutOfMemoryError:
+        raise out_of_memory(run.device, params.batch_size, params.max_length) from None
+
+
+def _optimise(method: AdaptiveMethod, params: AdaptiveParams, run: AdaptRun, adaptation: Adaptation) -> Adapted:
     objective = method.objective(params, adaptation)
     coefficients = (torch.full_like(adaptation.mask, params.init) * adaptation.mask).requires_grad_()
     trainables = objective.trainables()
