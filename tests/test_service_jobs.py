@@ -529,6 +529,8 @@ def test_health_readiness_and_metrics(service, streamed_job):
         table = samples(response.text)
     assert metric(table, "mergeforge_jobs", status="succeeded") >= 1
     assert ("mergeforge_queue_depth", frozenset({("queue", "cpu")})) in table
+    assert metric(table, "mergeforge_queue_workers", queue="cpu") == 1  # the one test worker, consuming cpu,gpu
+    assert metric(table, "mergeforge_queue_workers", queue="gpu") == 1
     assert any(name == "mergeforge_http_requests_total" and value >= 1 for (name, _), value in table.items())
     assert metric(table, "mergeforge_job_duration_seconds_bucket", status="succeeded", le="+Inf") >= 1
     assert metric(table, "mergeforge_job_duration_seconds_count", status="succeeded") >= 1
@@ -538,6 +540,27 @@ def test_readiness_fails_without_a_worker(idle_service):
     assert httpx.get(f"{idle_service.url}/healthz", timeout=30).status_code == 200
     body = assert_problem(httpx.get(f"{idle_service.url}/readyz", timeout=30), 503, "not_ready")
     assert body["checks"] == {"redis": True, "storage": True, "workers": False}
+    with idle_service.client() as client:
+        table = scrape(client)
+    assert ("mergeforge_queue_workers", frozenset({("queue", "gpu")})) in table
+    assert metric(table, "mergeforge_queue_workers", queue="gpu") == 0
+
+
+def test_a_worker_counts_while_its_heartbeat_lasts(idle_service):
+    """What a worker's housekeeping thread writes, with a short lifetime: ready while it lasts, per queue, then gone."""
+    from app.core.jobstore import JobStore
+
+    store = JobStore.from_url(idle_service.redis.url)
+    store.heartbeat("gpu-host:1", {"queues": ["gpu"]}, ttl_s=2)
+    with idle_service.client() as client:
+        assert httpx.get(f"{idle_service.url}/readyz", timeout=30).status_code == 200
+        table = scrape(client)
+        assert metric(table, "mergeforge_queue_workers", queue="gpu") == 1
+        assert metric(table, "mergeforge_queue_workers", queue="cpu") == 0
+        wait_until(lambda: httpx.get(f"{idle_service.url}/readyz", timeout=30).status_code == 503, 10,
+                   "the heartbeat to expire")
+        assert metric(scrape(client), "mergeforge_queue_workers", queue="gpu") == 0
+    assert store.r.zcard("mf:workers") == 0
 
 
 def test_metrics_follow_job_counts_and_queue_depth(idle_service, stored_family):

@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     def queue_for(self, method: str) -> str:
         return self.queue_routes.get(method, "cpu")
 
+    @property
+    def queues(self) -> tuple[str, ...]:
+        return tuple(sorted({"cpu", *self.queue_routes.values()}))
+
 
 @cache
 def get_settings() -> Settings:

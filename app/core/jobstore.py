@@ -4,7 +4,8 @@ progress, events and artifacts; Celery's result backend is not used.
 Keys (prefix `mf:`): `job:{id}` JSON record; `jobs:{tenant}` sorted set of ids (ids sort by creation time);
 `events:{id}` a stream (its entry ids are the event cursors and SSE ids); `idem:{tenant}:{key}` idempotency;
 `lease:{id}` the running worker's lease; `running` sorted set of lease deadlines, for the reaper;
-`ckpt:{id}` and `ckpts:{tenant}` registered checkpoints; `worker:{name}` heartbeats; `stats:status` counts.
+`ckpt:{id}` and `ckpts:{tenant}` registered checkpoints; `worker:{name}` heartbeats and `workers` their expiry
+times; `stats:status` counts.
 """
 
 from __future__ import annotations
@@ -313,11 +314,26 @@ class JobStore:
 
     # -------------------------------------------------------------------------------------------- workers
     def heartbeat(self, name: str, info: dict[str, Any], ttl_s: int = 30) -> None:
-        self.r.set(f"mf:worker:{name}", json.dumps({**info, "pid": os.getpid(), "seen": time.time()}), ex=ttl_s)
+        seen = time.time()
+        with self.r.pipeline() as pipe:
+            pipe.set(f"mf:worker:{name}", json.dumps({**info, "pid": os.getpid(), "seen": seen}), ex=ttl_s)
+            pipe.zadd("mf:workers", {name: seen + ttl_s})
+            pipe.execute()
 
     def live_workers(self) -> list[dict[str, Any]]:
-        keys = list(self.r.scan_iter("mf:worker:*", count=100))
-        return [json.loads(v) for v in self.r.mget(keys) if v] if keys else []
+        """Read from the `workers` index, not a keyspace scan: readiness probes call this every few seconds and
+        the keyspace holds every job."""
+        with self.r.pipeline() as pipe:
+            pipe.zremrangebyscore("mf:workers", "-inf", time.time())
+            pipe.zrange("mf:workers", 0, -1)
+            names = pipe.execute()[1]
+        raws = self.r.mget([f"mf:worker:{n}" for n in names]) if names else []
+        return [json.loads(v) for v in raws if v]
+
+    def queue_workers(self, queues: tuple[str, ...]) -> dict[str, int]:
+        """Live workers consuming each queue: a queue with jobs and none of these never drains."""
+        consumers = [set(w.get("queues", [])) for w in self.live_workers()]
+        return {q: sum(q in c for c in consumers) for q in queues}
 
     def ping(self) -> bool:
         with suppress(Exception):

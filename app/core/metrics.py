@@ -27,7 +27,7 @@ def record_duration(store: JobStore, status: str, seconds: float) -> None:
 
 
 class ServiceCollector(Collector):
-    def __init__(self, store: JobStore, queues: tuple[str, ...] = ("cpu", "gpu")):
+    def __init__(self, store: JobStore, queues: tuple[str, ...]):
         self.store, self.queues = store, queues
 
     def collect(self) -> Iterator:
@@ -41,6 +41,11 @@ class ServiceCollector(Collector):
         for queue in self.queues:
             depth.add_metric([queue], self.store.r.llen(queue))
         yield depth
+        workers = GaugeMetricFamily("mergeforge_queue_workers", "Live workers consuming each Celery queue",
+                                    labels=["queue"])
+        for queue, n in self.store.queue_workers(self.queues).items():
+            workers.add_metric([queue], n)
+        yield workers
         durations = HistogramMetricFamily("mergeforge_job_duration_seconds", "Wall time of ended jobs",
                                           labels=["status"])
         for status in ("succeeded", "failed", "cancelled"):
@@ -61,7 +66,7 @@ class Metrics:
                                  ["method", "route"], registry=self.registry)
         self._service: ServiceCollector | None = None
 
-    def attach(self, store: JobStore) -> None:
+    def attach(self, store: JobStore, queues: tuple[str, ...]) -> None:
         if self._service is None:
-            self._service = ServiceCollector(store)
+            self._service = ServiceCollector(store, queues)
             self.registry.register(self._service)

@@ -36,5 +36,5 @@ def readyz(request: Request, svc: ServicesDep) -> Response:
             responses={200: {"content": {"text/plain": {}}}})
 def metrics(request: Request, svc: ServicesDep) -> Response:
     registry = request.app.state.metrics
-    registry.attach(svc.store)
+    registry.attach(svc.store, svc.settings.queues)
     return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)
