@@ -467,6 +467,7 @@ def test_event_stream_keeps_the_terminal_event_of_a_job_ending_during_replay(idl
     from fastapi.testclient import TestClient
 
     from app.core.config import Settings
+    from app.core.eventfeed import EventFeed
     from app.core.jobstore import JobStore
     from app.main import create_app
 
@@ -478,15 +479,15 @@ def test_event_stream_keeps_the_terminal_event_of_a_job_ending_during_replay(idl
     store = JobStore.from_url(settings.redis_url)
     replays = []
 
-    class EndsDuringReplay(JobStore):
-        def events(self, job_id, after, limit):
-            found = super().events(job_id, after, limit)
+    class EndsDuringReplay(EventFeed):
+        async def events(self, job_id, after, limit):
+            found = await super().events(job_id, after, limit)
             if not replays:
                 replays.append(found)
                 assert store.request_cancel(job_id).status == "cancelled"  # the job ends now
             return found
 
-    app.state.services.__dict__["store"] = EndsDuringReplay(store.r)
+    app.state.services.__dict__["feed"] = EndsDuringReplay.from_url(settings.redis_url)
     with TestClient(app) as client:
         response = client.get(f"/v1/merges/{job['id']}/events/stream",
                               headers={"Authorization": f"Bearer {KEYS['tenant-a']}"})
@@ -495,6 +496,35 @@ def test_event_stream_keeps_the_terminal_event_of_a_job_ending_during_replay(idl
     with idle_service.client() as client:
         assert [e["status"] for e in all_events(client, job["id"]) if e["status"]] == ["queued", "cancelled"]
     assert data and data[-1]["status"] == "cancelled", data
+
+
+def test_open_event_streams_do_not_hold_the_servers_threads(idle_service, stored_family):
+    """More streams waiting on a queued job than the server has worker threads (40): every one gets its first
+    event at once and the sync routes still answer, because a stream awaits Redis instead of holding a thread
+    (streams that held threads left the last 20 without their first event until a 15 s wait had ended)."""
+    with idle_service.client() as client:
+        job = submit(client, tiny_spec(stored_family))
+    opened, release = threading.Barrier(61), threading.Event()
+
+    def follow() -> None:
+        with idle_service.client() as client, client.stream("GET", f"/v1/merges/{job['id']}/events/stream") as s:
+            assert s.status_code == 200
+            next(s.iter_lines())  # the replayed `queued` event: the stream is now waiting
+            opened.wait(timeout=60)
+            release.wait(timeout=60)
+
+    with ThreadPoolExecutor(60) as pool:
+        streams = [pool.submit(follow) for _ in range(60)]
+        try:
+            opened.wait(timeout=10)
+            with idle_service.client() as client:
+                client.timeout = httpx.Timeout(10)
+                assert client.get(f"/v1/merges/{job['id']}").json()["status"] == "queued"
+                assert client.post(f"/v1/merges/{job['id']}/cancel").json()["status"] == "cancelled"
+        finally:
+            release.set()
+        for stream in streams:
+            stream.result()
 
 
 # ------------------------------------------------------------------------------------------------- 7. delete

@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 
 from app.api.problems import ApiProblem
 from app.core.config import Settings, hash_key
+from app.core.eventfeed import EventFeed
 from app.core.jobstore import JobStore
 from app.core.storage import Storages
 
@@ -23,6 +24,10 @@ class Services:
     def store(self) -> JobStore:
         return JobStore.from_url(self.settings.redis_url, event_ttl_s=self.settings.event_ttl_s,
                                  idempotency_ttl_s=self.settings.idempotency_ttl_s)
+
+    @cached_property
+    def feed(self) -> EventFeed:
+        return EventFeed.from_url(self.settings.redis_url)
 
     @cached_property
     def storages(self) -> Storages:

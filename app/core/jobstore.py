@@ -14,7 +14,6 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Iterator
 from contextlib import suppress
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -110,6 +109,13 @@ class CheckpointRecord(BaseModel):
     tensors: dict[str, dict[str, Any]]  # name -> {dtype, shape}
     size: int
     config: dict[str, Any] | None = None
+
+
+def event_from(entry_id: str, fields: dict[str, str]) -> Event:
+    """An event from its stream entry (`mf:events:{id}`)."""
+    return Event(id=entry_id, time=fields["time"], stage=fields["stage"], fraction=float(fields["fraction"]),
+                 message=fields.get("message", ""), status=fields.get("status") or None,
+                 metrics=json.loads(fields.get("metrics") or "{}"))
 
 
 class IdempotencyConflict(Exception):
@@ -242,27 +248,9 @@ class JobStore:
         pipe.xadd(f"mf:events:{job_id}", fields)
         pipe.expire(f"mf:events:{job_id}", self.event_ttl_s)
 
-    @staticmethod
-    def _event(entry_id: str, fields: dict[str, str]) -> Event:
-        return Event(id=entry_id, time=fields["time"], stage=fields["stage"], fraction=float(fields["fraction"]),
-                     message=fields.get("message", ""), status=fields.get("status") or None,
-                     metrics=json.loads(fields.get("metrics") or "{}"))
-
     def events(self, job_id: str, after: str | None, limit: int) -> list[Event]:
         start = f"({after}" if after else "-"
-        return [self._event(i, f) for i, f in self.r.xrange(f"mf:events:{job_id}", start, "+", count=limit)]
-
-    def follow(self, job_id: str, after: str | None, block_ms: int = 15000) -> Iterator[Event | None]:
-        """Events as they come; None after each quiet `block_ms` (a keep-alive point for SSE)."""
-        last = after or "0-0"
-        while True:
-            reply = self.r.xread({f"mf:events:{job_id}": last}, count=100, block=block_ms)
-            if not reply:
-                yield None
-                continue
-            for entry_id, fields in reply[0][1]:
-                last = entry_id
-                yield self._event(entry_id, fields)
+        return [event_from(i, f) for i, f in self.r.xrange(f"mf:events:{job_id}", start, "+", count=limit)]
 
     # --------------------------------------------------------------------------------------------- leases
     def acquire_lease(self, job_id: str, owner: str, ttl_s: int) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlparse
@@ -193,36 +193,37 @@ def list_events(job_id: str, svc: ServicesDep, tenant: TenantDep,
 @router.get("/{job_id}/events/stream", summary="Progress events as Server-Sent Events (resumable)",
             response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}}, **responses(404)})
-def stream_events(job_id: str, svc: ServicesDep, tenant: TenantDep,
-                  last_event_id: Annotated[str | None, Header(pattern=CURSOR)] = None) -> StreamingResponse:
-    _job(svc.store, tenant, job_id)
+async def stream_events(job_id: str, svc: ServicesDep, tenant: TenantDep,
+                        last_event_id: Annotated[str | None, Header(pattern=CURSOR)] = None) -> StreamingResponse:
+    feed = svc.feed
+    job = await feed.job(job_id)
+    if job is None or job.tenant != tenant:
+        raise ApiProblem(404, "not_found", f"no merge job {job_id}")
     _cursor(last_event_id)
-    store = svc.store
 
     def frame(event: Event) -> str:
         return f"id: {event.id}\nevent: progress\ndata: {event.model_dump_json()}\n\n"
 
-    def frames() -> Iterator[str]:
+    async def frames() -> AsyncIterator[str]:
         cursor = last_event_id
         # A job's record and its status event change in one transaction: once the record shows an ended job, the
         # terminal event is stored, so replaying after that check cannot miss it.
         while True:
-            job = store.get(job_id)
-            for event in store.events(job_id, cursor, 10_000):
+            job = await feed.job(job_id)
+            for event in await feed.events(job_id, cursor, 10_000):
                 cursor = event.id
                 yield frame(event)
                 if event.status in TERMINAL:
                     return
             if job is None or job.status in TERMINAL:
                 return
-            for event in store.follow(job_id, cursor):
-                if event is None:
-                    break  # quiet for a while: re-check the record, then keep the connection alive
-                cursor = event.id
-                yield frame(event)
-                if event.status in TERMINAL:
-                    return
-            yield ": keep-alive\n\n"
+            while fresh := await feed.wait(job_id, cursor):
+                for event in fresh:
+                    cursor = event.id
+                    yield frame(event)
+                    if event.status in TERMINAL:
+                        return
+            yield ": keep-alive\n\n"  # quiet for a while: keep the connection alive, then re-check the record
 
     return StreamingResponse(frames(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
