@@ -8,7 +8,7 @@ What it measures
   under uvicorn (one process), configured like `tests/servers.py` with one API key. It waits until the API is
   ready and every worker has sent its heartbeat.
 * The inputs: a tiny checkpoint family (a base and 3 task models, 6 float32 tensors, ~13K parameters each,
-  Hugging Face folder layout without config) written once into the storage folder (or uploaded to S3), so
+  Hugging Face folder layout without config) written once beside the storage folder (or uploaded to S3), so
   each merge costs a few milliseconds of engine time and the numbers are about the service, not the engine.
 * Creation: `--jobs` POST /v1/merges (a cheap `--method`, default `linear`), from `--clients` concurrent
   clients (asyncio + one httpx.AsyncClient, one connection per in-flight request), all started together.
@@ -778,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             stack.start()
             check_stop()
-            folders = write_family(stack.storage_root / "inputs")
+            folders = write_family(root / "inputs")  # a tenant may not name the service's own storage
             if stack.s3 is not None:
                 uris = [stack.s3.upload_folder(f, f"inputs/{f.name}") for f in folders]
             else:
