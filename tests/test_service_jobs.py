@@ -301,6 +301,24 @@ def test_concurrent_requests_with_one_idempotency_key_make_one_job(idle_service,
         assert sorted(i for i in listed if i in made) == sorted(made)
 
 
+def test_a_tenant_at_its_active_job_limit_is_refused_until_one_ends(tmp_path, s3_server, stored_family):
+    """Two queued jobs at most (no worker runs them): a third is 429 with Retry-After, a retry of an accepted
+    request still answers with its job, another tenant is not counted, and a cancelled job frees its slot."""
+    env = {"MERGEFORGE_MAX_ACTIVE_JOBS": "2"}
+    with running_service(tmp_path / "quota", s3_server, worker=False, extra_env=env) as svc, \
+            svc.client() as client, svc.client("tenant-b") as other:
+        first = submit(client, tiny_spec(stored_family), key="quota-1")
+        submit(client, tiny_spec(stored_family))
+        refused = client.post("/v1/merges", json=tiny_spec(stored_family))
+        body = assert_problem(refused, 429, "too_many_jobs")
+        assert refused.headers["retry-after"] == "30" and "2 jobs queued or running" in body["detail"]
+        assert submit(client, tiny_spec(stored_family), key="quota-1")["id"] == first["id"]
+        submit(other, tiny_spec(stored_family))
+        assert client.post(f"/v1/merges/{first['id']}/cancel").json()["status"] == "cancelled"
+        submit(client, tiny_spec(stored_family))
+        assert_problem(client.post("/v1/merges", json=tiny_spec(stored_family)), 429, "too_many_jobs")
+
+
 # -------------------------------------------------------------------------------------- 4. tenant isolation
 def test_other_tenant_gets_404_for_every_job_route(service, streamed_job):
     job_id = streamed_job["job"]["id"]

@@ -4,8 +4,8 @@ progress, events and artifacts; Celery's result backend is not used.
 Keys (prefix `mf:`): `job:{id}` JSON record; `jobs:{tenant}` sorted set of ids (ids sort by creation time);
 `events:{id}` a stream (its entry ids are the event cursors and SSE ids); `idem:{tenant}:{key}` idempotency;
 `lease:{id}` the running worker's lease; `running` sorted set of lease deadlines, for the reaper;
-`ckpt:{id}` and `ckpts:{tenant}` registered checkpoints; `worker:{name}` heartbeats and `workers` their expiry
-times; `stats:status` counts.
+`active:{tenant}` the ids of the tenant's jobs that have not ended; `ckpt:{id}` and `ckpts:{tenant}` registered
+checkpoints; `worker:{name}` heartbeats and `workers` their expiry times; `stats:status` counts.
 """
 
 from __future__ import annotations
@@ -122,6 +122,10 @@ class IdempotencyConflict(Exception):
     """The key was used before with a different body."""
 
 
+class TooManyActiveJobs(Exception):
+    """The tenant already has its limit of queued and running jobs."""
+
+
 class JobStore:
     def __init__(self, redis: Redis, event_ttl_s: int = 30 * 24 * 3600, idempotency_ttl_s: int = 24 * 3600):
         self.r = redis
@@ -135,14 +139,17 @@ class JobStore:
         return cls(redis, **kwargs)
 
     # ----------------------------------------------------------------------------------------------- jobs
-    def create(self, record: JobRecord, idempotency_key: str | None = None,
-               body_hash: str | None = None) -> tuple[JobRecord, bool]:
+    def create(self, record: JobRecord, idempotency_key: str | None = None, body_hash: str | None = None,
+               max_active: int | None = None) -> tuple[JobRecord, bool]:
         """Store a new job, or return the one an idempotency key already names (created=False). The key's claim
-        and the job are written in one transaction, so two racing requests cannot both create a job."""
+        and the job are written in one transaction, so two racing requests cannot both create a job, nor both take
+        the tenant's last free slot under `max_active`."""
         idem = f"mf:idem:{record.tenant}:{idempotency_key}" if idempotency_key else None
+        active = f"mf:active:{record.tenant}"
         with self.r.pipeline() as pipe:
             while True:
                 try:
+                    pipe.watch(active)
                     if idem:
                         pipe.watch(idem)
                         raw = pipe.get(idem)
@@ -153,7 +160,10 @@ class JobStore:
                             job = self.get(existing["job"])
                             if job is not None:
                                 return job, False
+                    if max_active is not None and pipe.scard(active) >= max_active:
+                        raise TooManyActiveJobs(max_active)
                     pipe.multi()
+                    pipe.sadd(active, record.id)
                     if idem:
                         pipe.set(idem, json.dumps({"hash": body_hash, "job": record.id}), ex=self.idempotency_ttl_s)
                     pipe.set(f"mf:job:{record.id}", record.model_dump_json())
@@ -207,6 +217,8 @@ class JobStore:
                     if updated.status != job.status:  # the record and its status event change together
                         pipe.hincrby("mf:stats:status", job.status.value, -1)
                         pipe.hincrby("mf:stats:status", updated.status.value, 1)
+                        if updated.status in TERMINAL:
+                            pipe.srem(f"mf:active:{job.tenant}", job_id)
                         self._queue_event(pipe, job_id, updated.stage, updated.progress,
                                           f"status {updated.status.value}", updated.status)
                     pipe.execute()
@@ -226,6 +238,7 @@ class JobStore:
         with self.r.pipeline() as pipe:
             pipe.delete(f"mf:job:{job.id}", f"mf:events:{job.id}", f"mf:lease:{job.id}")
             pipe.zrem(f"mf:jobs:{job.tenant}", job.id)
+            pipe.srem(f"mf:active:{job.tenant}", job.id)
             pipe.zrem("mf:running", job.id)
             pipe.hincrby("mf:stats:status", job.status.value, -1)
             pipe.execute()

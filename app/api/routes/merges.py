@@ -25,6 +25,7 @@ from app.core.jobstore import (
     JobRecord,
     JobStore,
     Status,
+    TooManyActiveJobs,
     is_checkpoint_id,
     new_id,
     now,
@@ -111,7 +112,8 @@ def _check_registered(store: JobStore, tenant: str, body: MergeRequest) -> None:
 
 
 @router.post("", status_code=202, response_model=JobOut, summary="Submit a merge job",
-             responses={202: {"headers": {"Location": {"schema": {"type": "string"}}}}, **responses(400, 413, 503)})
+             responses={202: {"headers": {"Location": {"schema": {"type": "string"}}}},
+                        **responses(400, 413, 429, 503)})
 def create_merge(body: MergeRequest, svc: ServicesDep, tenant: TenantDep, response: Response,
                  idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
     settings, store = svc.settings, svc.store
@@ -130,9 +132,12 @@ def create_merge(body: MergeRequest, svc: ServicesDep, tenant: TenantDep, respon
                        output=_output_prefix(settings, tenant, body.output, job_id), metadata=body.metadata,
                        webhook_url=str(body.webhook_url) if body.webhook_url else None)
     try:
-        job, created = store.create(record, idempotency_key, body_hash)
+        job, created = store.create(record, idempotency_key, body_hash, settings.max_active_jobs)
     except IdempotencyConflict:
         raise ApiProblem(422, "idempotency_key_reused", "this Idempotency-Key was used with a different body") from None
+    except TooManyActiveJobs:
+        raise ApiProblem(429, "too_many_jobs", f"this tenant has {settings.max_active_jobs} jobs queued or running, "
+                         "its limit: wait for some to end or cancel some", headers={"Retry-After": "30"}) from None
     if created:
         try:
             svc.celery.send_task(MERGE_TASK, args=[job.id], queue=job.queue)
