@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import queue
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from servers import running_service, wait_for_job, wait_until
@@ -16,7 +19,7 @@ def _receiver():
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"]))
-            received.put((self.headers["Content-Type"], json.loads(body)))
+            received.put((self.headers, body))  # a Message: names are case-insensitive
             self.send_response(204)
             self.end_headers()
 
@@ -28,24 +31,37 @@ def _receiver():
     return server, received
 
 
-def test_webhook_receives_the_ended_job(service, stored_family):
+def test_webhook_receives_the_ended_job_signed(service, stored_family):
+    secret = "whsec-0123456789abcdef"
     server, received = _receiver()
     try:
         spec = {"method": "task_arithmetic", "base_model": stored_family["base"],
                 "models": [{"model": stored_family["task0"]}, {"model": stored_family["task1"]}],
-                "webhook_url": f"http://127.0.0.1:{server.server_address[1]}/hooks/merge"}
+                "webhook_url": f"http://127.0.0.1:{server.server_address[1]}/hooks/merge", "webhook_secret": secret}
         with service.client() as client:
             job_id = client.post("/v1/merges", json=spec).json()["id"]
             done = wait_for_job(client, job_id, {"succeeded", "failed"})
             assert done["status"] == "succeeded", done["error"]
-            content_type, body = received.get(timeout=60)
-            assert content_type == "application/json"
+            headers, raw = received.get(timeout=60)
+            body = json.loads(raw)
+            assert headers["Content-Type"] == "application/json"
             assert body["event"] == "merge.succeeded" and body["job"]["id"] == job_id
             assert body["job"]["status"] == "succeeded" and body["job"]["artifacts"]
-            assert "tenant" not in body["job"]
+            assert "tenant" not in body["job"] and secret not in raw.decode()
+            # The receiver's check: HMAC-SHA256 of "TIMESTAMP.BODY" with the job's secret, timestamp recent.
+            timestamp = headers["X-MergeForge-Timestamp"]
+            expected = hmac.new(secret.encode(), timestamp.encode() + b"." + raw, hashlib.sha256).hexdigest()
+            assert hmac.compare_digest(headers["X-MergeForge-Signature"], f"sha256={expected}")
+            assert abs(time.time() - int(timestamp)) < 300
+            assert headers["X-MergeForge-Delivery"] == f"{job_id}.succeeded"
             wait_until(lambda: any(e["stage"] == "webhook" and "204" in e["message"]
                                    for e in client.get(f"/v1/merges/{job_id}/events").json()["items"]),
                        30, "the webhook event")
+            # The secret is write-only.
+            for path in (f"/v1/merges/{job_id}", "/v1/merges"):
+                assert secret not in client.get(path).text
+            short = client.post("/v1/merges", json={**spec, "webhook_secret": "short"})
+            assert short.status_code == 422 and "webhook_secret" in short.text
     finally:
         server.shutdown()
 
@@ -60,8 +76,10 @@ def test_webhook_of_a_job_cancelled_while_queued(tmp_path, s3_server, stored_fam
             job_id = client.post("/v1/merges", json=spec).json()["id"]
             assert client.post(f"/v1/merges/{job_id}/cancel").json()["status"] == "cancelled"
             service.start_worker()  # no worker ran the job; one delivers the webhook
-            _, body = received.get(timeout=120)
+            headers, raw = received.get(timeout=120)
+            body = json.loads(raw)
             assert body["event"] == "merge.cancelled" and body["job"]["id"] == job_id
+            assert "X-MergeForge-Signature" not in headers  # no secret, no signature
             assert client.get(f"/v1/merges/{job_id}").json()["status"] == "cancelled"
     finally:
         server.shutdown()

@@ -5,6 +5,7 @@ redelivered or duplicate message finds the record and does nothing twice."""
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -310,15 +311,26 @@ class _LeaseKeeper(threading.Thread):
                 log.warning("could not refresh the lease of %s", self.job_id, exc_info=True)
 
 
+def webhook_headers(job: JobRecord, body: bytes) -> dict[str, str]:
+    """The delivery id is the same on every retry, so a receiver can drop repeats; the signature covers the
+    timestamp too, so a receiver can refuse a delivery replayed later."""
+    headers = {"Content-Type": "application/json", "User-Agent": "mergeforge-webhook",
+               "X-MergeForge-Delivery": f"{job.id}.{job.status.value}"}
+    if job.webhook_secret:
+        timestamp = str(int(time.time()))
+        digest = hmac.new(job.webhook_secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+        headers |= {"X-MergeForge-Timestamp": timestamp, "X-MergeForge-Signature": f"sha256={digest}"}
+    return headers
+
+
 def deliver_webhook(store: JobStore, job: JobRecord, attempts: int = 3) -> None:
     """POST the ended job to its webhook, with retries; the outcome is a job event, never a job failure."""
     body = json.dumps({"event": f"merge.{job.status.value}", "job": json.loads(job.model_dump_json(
-        exclude={"tenant"}))}).encode()
+        exclude={"tenant", "webhook_secret"}))}).encode()
     for attempt in range(attempts):
         try:
             request = urllib.request.Request(job.webhook_url, data=body, method="POST",
-                                             headers={"Content-Type": "application/json",
-                                                      "User-Agent": "mergeforge-webhook"})
+                                             headers=webhook_headers(job, body))
             with urllib.request.urlopen(request, timeout=10) as response:
                 store.add_event(job.id, "webhook", 1.0, f"webhook answered {response.status}")
                 return

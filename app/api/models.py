@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import AnyHttpUrl, BaseModel, Field, field_validator
+from pydantic import AnyHttpUrl, BaseModel, Field, SecretStr, field_validator
 
 from app.core.jobstore import Artifact, Event, JobError, Status
 from workers.engine.spec import MergeSpec
@@ -19,6 +19,10 @@ class MergeRequest(MergeSpec):
     metadata: dict[str, str] = Field(default_factory=dict, description="Up to 32 small string pairs, returned "
                                      "as given.")
     webhook_url: AnyHttpUrl | None = Field(default=None, description="POSTed the job when it ends.")
+    webhook_secret: SecretStr | None = Field(
+        default=None, min_length=16, max_length=256, description="Signs each webhook delivery: "
+        "`X-MergeForge-Signature: sha256=HEX`, the HMAC-SHA256 with this secret of `TIMESTAMP.BODY`, TIMESTAMP being "
+        "the `X-MergeForge-Timestamp` header (Unix seconds). Never returned.")
 
     @field_validator("metadata")
     @classmethod

@@ -83,6 +83,7 @@ class JobRecord(BaseModel):
     output: str  # the URI prefix this job's artifacts go under: {output}/attempt-{n}/
     metadata: dict[str, str] = Field(default_factory=dict)
     webhook_url: str | None = None
+    webhook_secret: str | None = None  # signs the webhook; never returned by the API
     error: JobError | None = None
     artifacts: list[Artifact] = Field(default_factory=list)
     artifacts_prefix: str | None = None

@@ -125,12 +125,13 @@ def create_merge(body: MergeRequest, svc: ServicesDep, tenant: TenantDep, respon
             check_input_uri(settings, tenant, m.data, f"models.{i}.data")
     _check_registered(store, tenant, body)
     job_id = new_id("mrg")
-    spec = body.model_dump(mode="json", by_alias=True, exclude={"output", "metadata", "webhook_url"})
-    body_hash = hashlib.sha256(json.dumps(body.model_dump(mode="json", by_alias=True), sort_keys=True)
+    spec = body.model_dump(mode="json", by_alias=True, exclude={"output", "metadata", "webhook_url", "webhook_secret"})
+    secret = body.webhook_secret.get_secret_value() if body.webhook_secret else None
+    body_hash = hashlib.sha256(json.dumps([body.model_dump(mode="json", by_alias=True), secret], sort_keys=True)
                                .encode()).hexdigest()
     record = JobRecord(id=job_id, tenant=tenant, created_at=now(), spec=spec, queue=settings.queue_for(body.method),
                        output=_output_prefix(settings, tenant, body.output, job_id), metadata=body.metadata,
-                       webhook_url=str(body.webhook_url) if body.webhook_url else None)
+                       webhook_url=str(body.webhook_url) if body.webhook_url else None, webhook_secret=secret)
     try:
         job, created = store.create(record, idempotency_key, body_hash, settings.max_active_jobs)
     except IdempotencyConflict:
