@@ -253,6 +253,33 @@ def test_bad_inputs_are_refused_before_optimising(family, tmp_path, case):
     assert not any(stages) and not (tmp_path / "m").exists()
 
 
+def test_safetensors_inputs_are_read_per_batch_and_checked_in_full(tmp_path, monkeypatch):
+    """A data file is never held whole: batches read their rows from disk, and the value checks read every row in
+    small passes, down to a bad value in the last sample."""
+    from types import SimpleNamespace
+
+    from workers.engine.adaptive import data
+
+    monkeypatch.setattr(data, "SCAN_BYTES", 3 * 4 * 8 * 8 * 5)  # 5 samples a pass: 20 samples take 4 passes
+    config = SimpleNamespace(image_size=8, num_channels=3)
+    pixels = torch.randn(20, 3, 8, 8)
+    path = tmp_path / "pixels.safetensors"
+    save_file({"pixel_values": pixels}, str(path))
+    inputs = data.load_task_data(path, "images", config, {"pixel_values"}, None, 128)
+    assert len(inputs) == 20
+    torch.testing.assert_close(inputs.batch(torch.tensor([19, 3]))["pixel_values"], pixels[[19, 3]])
+    # Rewrite one sample in place: the next batch sees it, so nothing was kept from the first read.
+    info = inputs.stored["pixel_values"].info
+    with path.open("r+b") as f:
+        f.seek(info.start + 3 * info.nbytes // 20)
+        f.write(torch.full((3, 8, 8), 7.0).numpy().tobytes())
+    assert bool((inputs.batch(torch.tensor([3]))["pixel_values"] == 7.0).all())
+    pixels[19, 2, 7, 7] = float("nan")
+    save_file({"pixel_values": pixels}, str(path))
+    with pytest.raises(EngineError, match="NaN or Inf"):
+        data.load_task_data(path, "images", config, {"pixel_values"}, None, 128)
+
+
 def test_adaptive_methods_need_data_and_no_weights(family):
     with pytest.raises(ValueError, match="set `data` on every model"):
         MergeSpec.model_validate({"method": "adamerging", "base_model": str(family.base),

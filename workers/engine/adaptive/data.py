@@ -1,13 +1,17 @@
 """Unlabeled task inputs for adaptive methods, read and checked in full before any optimisation starts.
 
 Two formats: JSONL with a `text` field per line (tokenised with the task checkpoint's tokenizer), or a safetensors
-file of model inputs (`input_ids` with optional `attention_mask`/`token_type_ids`, or `pixel_values`). Safetensors
-is read with the safe loader; pickles are refused like everywhere else.
+file of model inputs (`input_ids` with optional `attention_mask`/`token_type_ids`, or `pixel_values`). A safetensors
+file is never loaded whole: its header is checked, the values are checked in passes of a few MiB, and each batch
+reads its rows, so a test set of images larger than the worker's memory is fine. Pickles are refused like
+everywhere else.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -15,12 +19,15 @@ from typing import Any
 
 import torch
 
+from workers.engine.checkpoint import TORCH_DTYPES
 from workers.engine.errors import EngineError, ErrorCode
 from workers.engine.files import is_pickle, unsafe
+from workers.engine.safetensors_format import TensorInfo, read_header_file
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 IMAGE_KEYS = ("pixel_values",)
 MAX_BAD_LINES = 5
+SCAN_BYTES = 16 << 20  # per read of the checks that look at every value
 
 
 def _bad(path: Path, task: str, message: str, **detail: Any) -> EngineError:
@@ -28,24 +35,61 @@ def _bad(path: Path, task: str, message: str, **detail: Any) -> EngineError:
                        {"task": task, "path": str(path), **detail})
 
 
+class StoredRows:
+    """One input tensor of a safetensors file, [samples, ...], read a few rows at a time with positional reads."""
+
+    def __init__(self, path: Path, info: TensorInfo):
+        self.path, self.info = path, info
+        self.dtype = TORCH_DTYPES[info.dtype]
+        self.row_shape = info.shape[1:]
+        self.row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
+
+    def __len__(self) -> int:
+        return self.info.shape[0] if self.info.shape else 0
+
+    def rows(self, index: list[int]) -> torch.Tensor:
+        out = bytearray(len(index) * self.row_bytes)
+        with self.path.open("rb") as f:
+            for i, row in enumerate(index):
+                out[i * self.row_bytes:(i + 1) * self.row_bytes] = os.pread(
+                    f.fileno(), self.row_bytes, self.info.start + row * self.row_bytes)
+        return self._tensor(out, len(index))
+
+    def passes(self) -> Iterator[torch.Tensor]:
+        """Every row, in consecutive blocks of about SCAN_BYTES, for the checks that look at every value."""
+        step = max(1, SCAN_BYTES // max(self.row_bytes, 1))
+        with self.path.open("rb") as f:
+            for first in range(0, len(self), step):
+                n = min(step, len(self) - first)
+                block = os.pread(f.fileno(), n * self.row_bytes, self.info.start + first * self.row_bytes)
+                yield self._tensor(bytearray(block), n)
+
+    def _tensor(self, raw: bytearray, n: int) -> torch.Tensor:
+        if not raw:
+            return torch.empty((n, *self.row_shape), dtype=self.dtype)
+        return torch.frombuffer(raw, dtype=self.dtype).view(n, *self.row_shape)
+
+
 @dataclass
 class TaskData:
-    """Every input of one task, on the CPU; `batch` pads text to the longest sample in the batch."""
+    """Every input of one task: tokenised text in memory, or rows of a safetensors file read per batch; `batch`
+    pads text to the longest sample in the batch."""
 
     task: str
-    tensors: dict[str, torch.Tensor] | None = None   # safetensors inputs, first dim = sample
+    stored: dict[str, StoredRows] | None = None     # safetensors inputs, first dim = sample
     token_ids: list[list[int]] | None = None         # tokenised JSONL
     pad_id: int = 0
 
     def __len__(self) -> int:
-        if self.tensors is not None:
-            return next(iter(self.tensors.values())).shape[0]
+        if self.stored is not None:
+            return len(next(iter(self.stored.values())))
         assert self.token_ids is not None
         return len(self.token_ids)
 
     def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.tensors is not None:
-            return {k: v.index_select(0, index) for k, v in self.tensors.items()}
+        if self.stored is not None:
+            rows = index.tolist()
+            return {k: v.rows(rows).long() if k in TOKEN_KEYS else v.rows(rows).float() for k, v in self.stored.items()}
         assert self.token_ids is not None
         rows = [self.token_ids[i] for i in index.tolist()]
         width = max(len(r) for r in rows)
@@ -126,69 +170,71 @@ def _tokenizer(folder: Path | None, task: str) -> Any:
 
 
 def _tensor_data(path: Path, task: str, config: Any, accepted: set[str]) -> TaskData:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise _bad(path, task, f"not a readable safetensors file ({exc})") from None
+        header = read_header_file(path)
+    except EngineError as exc:
+        raise _bad(path, task, f"not a readable safetensors file ({exc.message})") from None
     known = {*TOKEN_KEYS, *IMAGE_KEYS}
-    unknown = sorted(set(tensors) - known)
+    unknown = sorted(set(header.tensors) - known)
     if unknown:
         raise _bad(path, task, f"unknown input(s) {', '.join(unknown)}; expected input_ids (with optional "
                    "attention_mask, token_type_ids) or pixel_values", unknown=unknown)
-    if not tensors:
+    if not header.tensors:
         raise _bad(path, task, "the file holds no tensors")
-    not_taken = sorted(set(tensors) - accepted)
+    not_taken = sorted(set(header.tensors) - accepted)
     if not_taken:
         raise _bad(path, task, f"the model does not take {', '.join(not_taken)}; it takes "
                    f"{', '.join(sorted(accepted & known))}")
-    counts = {k: (v.shape[0] if v.dim() else 0) for k, v in tensors.items()}
+    stored = {k: StoredRows(path, info) for k, info in header.tensors.items()}
+    counts = {k: (v.info.shape[0] if v.info.shape else 0) for k, v in stored.items()}
     n = next(iter(counts.values()))
     if n == 0 or any(c != n for c in counts.values()):
         raise _bad(path, task, f"inputs need the same, non-zero number of samples (first dimension): {counts}")
-    if "pixel_values" in tensors:
-        _check_pixels(path, task, tensors["pixel_values"], config)
-    elif "input_ids" in tensors:
-        _check_tokens(path, task, tensors, config)
+    if "pixel_values" in stored:
+        _check_pixels(path, task, stored["pixel_values"], config)
+    elif "input_ids" in stored:
+        _check_tokens(path, task, stored, config)
     else:
         raise _bad(path, task, "needs input_ids or pixel_values")
-    return TaskData(task, tensors={k: (v.long() if k in TOKEN_KEYS else v.float()) for k, v in tensors.items()})
+    return TaskData(task, stored=stored)
 
 
-def _check_tokens(path: Path, task: str, tensors: dict[str, torch.Tensor], config: Any) -> None:
-    ids = tensors["input_ids"]
-    if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise _bad(path, task, f"input_ids must be a 2-D integer tensor [samples, tokens], got {ids.dtype} "
-                   f"{list(ids.shape)}")
+def _check_tokens(path: Path, task: str, stored: dict[str, StoredRows], config: Any) -> None:
+    ids = stored["input_ids"]
+    shape = list(ids.info.shape)
+    if len(shape) != 2 or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise _bad(path, task, f"input_ids must be a 2-D integer tensor [samples, tokens], got {ids.dtype} {shape}")
     for key in ("attention_mask", "token_type_ids"):
-        if key in tensors and (tensors[key].shape != ids.shape or tensors[key].is_floating_point()):
-            raise _bad(path, task, f"{key} must be an integer tensor shaped like input_ids {list(ids.shape)}, got "
-                       f"{tensors[key].dtype} {list(tensors[key].shape)}")
+        if key in stored and (list(stored[key].info.shape) != shape or stored[key].dtype.is_floating_point):
+            raise _bad(path, task, f"{key} must be an integer tensor shaped like input_ids {shape}, got "
+                       f"{stored[key].dtype} {list(stored[key].info.shape)}")
     vocab = getattr(config, "vocab_size", None)
-    if ids.numel() and vocab and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-        raise _bad(path, task, f"input_ids range over [{int(ids.min())}, {int(ids.max())}], outside the model's "
-                   f"vocabulary [0, {vocab})")
+    if vocab and shape[1]:
+        low, high = None, None
+        for block in ids.passes():
+            b_low, b_high = (int(v) for v in torch.aminmax(block))
+            low, high = b_low if low is None else min(low, b_low), b_high if high is None else max(high, b_high)
+        if low < 0 or high >= vocab:
+            raise _bad(path, task, f"input_ids range over [{low}, {high}], outside the model's vocabulary "
+                       f"[0, {vocab})")
     limit = getattr(config, "max_position_embeddings", None)
-    if limit and ids.shape[1] > limit:
-        raise _bad(path, task, f"sequences of {ids.shape[1]} tokens exceed the model's {limit} positions")
+    if limit and shape[1] > limit:
+        raise _bad(path, task, f"sequences of {shape[1]} tokens exceed the model's {limit} positions")
 
 
-def _check_pixels(path: Path, task: str, pixels: torch.Tensor, config: Any) -> None:
+def _check_pixels(path: Path, task: str, pixels: StoredRows, config: Any) -> None:
     vision = getattr(config, "vision_config", None) or config
     size, channels = getattr(vision, "image_size", None), getattr(vision, "num_channels", 3)
     if isinstance(size, (list, tuple)):
         size = tuple(size)
     elif size is not None:
         size = (size, size)
-    if pixels.dim() != 4 or not pixels.is_floating_point():
+    shape = list(pixels.info.shape)
+    if len(shape) != 4 or not pixels.dtype.is_floating_point:
         raise _bad(path, task, f"pixel_values must be a 4-D float tensor [samples, channels, height, width], got "
-                   f"{pixels.dtype} {list(pixels.shape)}")
-    if pixels.shape[1] != channels or (size is not None and tuple(pixels.shape[2:]) != size):
+                   f"{pixels.dtype} {shape}")
+    if shape[1] != channels or (size is not None and tuple(shape[2:]) != size):
         expected = [channels, *size] if size else [channels]
-        raise _bad(path, task, f"pixel_values are {list(pixels.shape[1:])} per sample; the model expects "
-                   f"{expected}")
-    low, high = torch.aminmax(pixels)
-    if not (torch.isfinite(low) and torch.isfinite(high)):
+        raise _bad(path, task, f"pixel_values are {shape[1:]} per sample; the model expects {expected}")
+    if not all(bool(torch.isfinite(block).all()) for block in pixels.passes()):
         raise _bad(path, task, "pixel_values hold NaN or Inf")
