@@ -309,6 +309,21 @@ def test_an_adaptation_that_cannot_fit_fails_before_loading(family, tmp_path, mo
     assert not any(stages) and not (tmp_path / "m").exists()
 
 
+@pytest.mark.parametrize("files", [{"memory.max": "3221225472\n", "memory.current": "1073741824\n"},
+                                   {"memory/memory.limit_in_bytes": "3221225472\n",
+                                    "memory/memory.usage_in_bytes": "1073741824\n"}], ids=["cgroup-v2", "cgroup-v1"])
+def test_a_containers_memory_limit_bounds_what_is_free(tmp_path, monkeypatch, files):
+    from workers.engine.adaptive import memory
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(memory, "CGROUP", tmp_path)
+    assert memory.free_bytes(torch.device("cpu")) == 2 << 30  # this machine has more than 2 GiB available
+    (tmp_path / next(iter(files))).write_text("max\n" if "memory.max" in files else str(1 << 62))
+    assert memory.free_bytes(torch.device("cpu")) > 2 << 30  # no limit: the kernel's available memory
+
+
 def test_running_out_of_device_memory_mid_run_is_a_clear_failure(family, tmp_path, monkeypatch):
     from workers.engine.adaptive.loop import Adaptation
 

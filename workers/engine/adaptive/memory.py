@@ -22,7 +22,7 @@ def resident_bytes(shared_numel: int, n_tasks: int, vector_dtype: torch.dtype) -
 
 def free_bytes(device: torch.device) -> int | None:
     """Free memory on the device: the CUDA allocator's view, or on the CPU the smaller of the kernel's available
-    memory and what the container's cgroup (v2) still allows; None where neither can be read."""
+    memory and what the container's cgroup (v2 or v1) still allows; None where none can be read."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     if device.type != "cpu":
@@ -34,12 +34,14 @@ def free_bytes(device: torch.device) -> int | None:
                 limits.append(int(line.split()[1]) * 1024)
     except OSError:
         pass
-    try:
-        limit = (CGROUP / "memory.max").read_text().strip()
-        if limit != "max":
-            limits.append(int(limit) - int((CGROUP / "memory.current").read_text()))
-    except (OSError, ValueError):
-        pass
+    for limit_file, usage_file in (("memory.max", "memory.current"),  # cgroup v2
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):  # v1
+        try:
+            limit = (CGROUP / limit_file).read_text().strip()
+            if limit != "max" and int(limit) < 1 << 60:  # v1 writes "no limit" as a huge number
+                limits.append(int(limit) - int((CGROUP / usage_file).read_text()))
+        except (OSError, ValueError):
+            pass
     return min(limits) if limits else None
 
 
