@@ -33,6 +33,8 @@ def _serve(args: argparse.Namespace) -> int:
         "MERGEFORGE_WORK_DIR": str(data / "work"),
         "MERGEFORGE_FILE_ROOTS": json.dumps([str(Path.home()), str(Path.cwd()), str(data)]),
         "MERGEFORGE_ALLOW_ANONYMOUS": "false" if keys else "true",
+        "MERGEFORGE_WEBHOOK_ALLOW_PRIVATE": os.environ.get("MERGEFORGE_WEBHOOK_ALLOW_PRIVATE",
+                                                          "true" if loopback else "false"),
     }
     os.environ.update(env)
     from app.core.config import Settings  # settings are read from the environment just set

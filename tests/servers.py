@@ -111,6 +111,7 @@ class Service:
             "MERGEFORGE_WORK_DIR": str(self.root / "work"),
             "MERGEFORGE_LEASE_S": "6",
             "MERGEFORGE_VISIBILITY_TIMEOUT_S": "120",
+            "MERGEFORGE_WEBHOOK_ALLOW_PRIVATE": "true",  # the tests' receivers listen on loopback
             **self.extra_env,
         }
 

@@ -83,3 +83,32 @@ def test_webhook_of_a_job_cancelled_while_queued(tmp_path, s3_server, stored_fam
             assert client.get(f"/v1/merges/{job_id}").json()["status"] == "cancelled"
     finally:
         server.shutdown()
+
+
+def test_webhooks_to_private_addresses_are_refused(tmp_path, s3_server, stored_family):
+    """Without MERGEFORGE_WEBHOOK_ALLOW_PRIVATE a tenant cannot make the service call inside the deployment: at
+    submit (IP literals and names that resolve inside) and again at delivery."""
+    from app.core.jobstore import JobStore
+    from workers.jobs import deliver_webhook
+
+    spec = {"method": "task_arithmetic", "base_model": stored_family["base"],
+            "models": [{"model": stored_family["task0"]}]}
+    env = {"MERGEFORGE_WEBHOOK_ALLOW_PRIVATE": "false"}
+    server, received = _receiver()
+    try:
+        with running_service(tmp_path / "svc", s3_server, worker=False, extra_env=env) as service, \
+                service.client() as client:
+            for url in ("http://127.0.0.1:9/hook", "http://localhost:9/hook", "http://169.254.169.254/latest",
+                        "http://10.1.2.3/hook", "http://[::1]:9/hook"):
+                refused = client.post("/v1/merges", json={**spec, "webhook_url": url})
+                assert refused.status_code == 422 and "private or reserved" in refused.json()["detail"], url
+            job_id = client.post("/v1/merges", json={**spec, "webhook_url": "http://8.8.8.8/hook"}).json()["id"]
+            client.post(f"/v1/merges/{job_id}/cancel")
+            # At delivery the address is checked again: a name may resolve elsewhere by then.
+            store = JobStore.from_url(service.redis.url)
+            job = store.get(job_id).model_copy(update={"webhook_url": f"http://localhost:{server.server_address[1]}/"})
+            deliver_webhook(store, job, allow_private=False)
+            events = client.get(f"/v1/merges/{job_id}/events").json()["items"]
+            assert "webhook refused" in events[-1]["message"] and received.empty()
+    finally:
+        server.shutdown()

@@ -13,11 +13,11 @@ import shutil
 import socket
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
+from app.core import webhooks
 from app.core.config import Settings
 from app.core.jobstore import TERMINAL, Artifact, JobError, JobRecord, JobStore, Status, is_checkpoint_id, now
 from app.core.metrics import record_duration
@@ -257,7 +257,7 @@ class JobRunner:
         if job.started_at and job.finished_at:
             record_duration(self.store, job.status.value, (job.finished_at - job.started_at).total_seconds())
         if job.webhook_url:
-            deliver_webhook(self.store, job)
+            deliver_webhook(self.store, job, self.settings.webhook_allow_private)
 
 
 def _delete_state(storage: Any, job: JobRecord) -> None:
@@ -323,19 +323,24 @@ def webhook_headers(job: JobRecord, body: bytes) -> dict[str, str]:
     return headers
 
 
-def deliver_webhook(store: JobStore, job: JobRecord, attempts: int = 3) -> None:
+def deliver_webhook(store: JobStore, job: JobRecord, allow_private: bool, attempts: int = 3) -> None:
     """POST the ended job to its webhook, with retries; the outcome is a job event, never a job failure."""
     body = json.dumps({"event": f"merge.{job.status.value}", "job": json.loads(job.model_dump_json(
         exclude={"tenant", "webhook_secret"}))}).encode()
+    assert job.webhook_url is not None
     for attempt in range(attempts):
         try:
-            request = urllib.request.Request(job.webhook_url, data=body, method="POST",
-                                             headers=webhook_headers(job, body))
-            with urllib.request.urlopen(request, timeout=10) as response:
-                store.add_event(job.id, "webhook", 1.0, f"webhook answered {response.status}")
+            status = webhooks.post(job.webhook_url, body, webhook_headers(job, body), allow_private)
+            if status < 300:
+                store.add_event(job.id, "webhook", 1.0, f"webhook answered {status}")
                 return
+            problem = f"HTTP {status}"
+        except webhooks.WebhookRefused as exc:
+            store.add_event(job.id, "webhook", 1.0, f"webhook refused: {exc}")
+            return
         except Exception as exc:
-            if attempt == attempts - 1:
-                store.add_event(job.id, "webhook", 1.0, f"webhook failed: {exc}")
-                return
-            time.sleep(2 ** attempt)
+            problem = str(exc) or type(exc).__name__
+        if attempt == attempts - 1:
+            store.add_event(job.id, "webhook", 1.0, f"webhook failed: {problem}")
+            return
+        time.sleep(2 ** attempt)

@@ -44,7 +44,7 @@ def webhook_task(job_id: str) -> None:
     """Webhooks of jobs that ended without a worker (cancelled while queued)."""
     job = runner().store.get(job_id)
     if job is not None and job.webhook_url:
-        deliver_webhook(runner().store, job)
+        deliver_webhook(runner().store, job, runner().settings.webhook_allow_private)
 
 
 def reap_once(store: JobStore, max_attempts: int) -> list[str]:

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     lease_s: int = 60
     max_attempts: int = 3
     max_body_bytes: int = 1024 * 1024
+    webhook_allow_private: bool = Field(default=False, description="Let webhooks call private, loopback "
+                                        "and link-local addresses (the embedded service does).")
     max_active_jobs: int = Field(default=1000, ge=1, description="Jobs one tenant may have queued or running; "
                                  "more are refused with 429 until some end: one tenant cannot fill the queues.")
     event_ttl_s: int = 30 * 24 * 3600

@@ -31,6 +31,7 @@ from app.core.jobstore import (
     now,
 )
 from app.core.storage import StorageError, check_uri, join, within
+from app.core.webhooks import WebhookRefused, check_target
 from workers.celery_app import MERGE_TASK, WEBHOOK_TASK
 from workers.engine.errors import EngineError
 from workers.engine.layout import plan_layout
@@ -124,6 +125,11 @@ def create_merge(body: MergeRequest, svc: ServicesDep, tenant: TenantDep, respon
         if m.data is not None:
             check_input_uri(settings, tenant, m.data, f"models.{i}.data")
     _check_registered(store, tenant, body)
+    if body.webhook_url is not None:
+        try:
+            check_target(str(body.webhook_url), settings.webhook_allow_private)
+        except WebhookRefused as exc:
+            raise ApiProblem(422, "invalid_parameters", f"webhook_url: {exc}") from None
     job_id = new_id("mrg")
     spec = body.model_dump(mode="json", by_alias=True, exclude={"output", "metadata", "webhook_url", "webhook_secret"})
     secret = body.webhook_secret.get_secret_value() if body.webhook_secret else None
