@@ -319,6 +319,20 @@ def test_a_tenant_at_its_active_job_limit_is_refused_until_one_ends(tmp_path, s3
         assert_problem(client.post("/v1/merges", json=tiny_spec(stored_family)), 429, "too_many_jobs")
 
 
+def test_a_tenant_over_its_request_rate_gets_429(tmp_path, s3_server):
+    env = {"MERGEFORGE_RATE_LIMIT_PER_MINUTE": "5"}
+    with running_service(tmp_path / "rate", s3_server, worker=False, extra_env=env) as svc, \
+            svc.client() as client, svc.client("tenant-b") as other:
+        if time.time() % 60 > 45:  # the count is per clock minute: start early in one
+            time.sleep(61 - time.time() % 60)
+        assert [client.get("/v1/merges").status_code for _ in range(5)] == [200] * 5
+        limited = client.get("/v1/merges")
+        body = assert_problem(limited, 429, "rate_limited")
+        assert 1 <= int(limited.headers["retry-after"]) <= 60 and "more than 5 requests" in body["detail"]
+        assert other.get("/v1/merges").status_code == 200  # another tenant has its own budget
+        assert httpx.get(f"{svc.url}/healthz", timeout=30).status_code == 200  # probes are not counted
+
+
 # -------------------------------------------------------------------------------------- 4. tenant isolation
 def test_other_tenant_gets_404_for_every_job_route(service, streamed_job):
     job_id = streamed_job["job"]["id"]

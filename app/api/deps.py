@@ -45,16 +45,28 @@ def services(request: Request) -> Services:
 
 
 def tenant(request: Request, svc: Annotated[Services, Depends(services)]) -> str:
-    """The tenant of the request's API key. A tenant never sees another's resources: those answer 404."""
+    """The tenant of the request's API key, within its request budget. A tenant never sees another's resources:
+    those answer 404."""
+    name = _authenticated(request, svc.settings)
+    limit = svc.settings.rate_limit_per_minute
+    if limit is not None:
+        count, retry_after = svc.store.count_request(name)
+        if count > limit:
+            raise ApiProblem(429, "rate_limited", f"more than {limit} requests this minute; retry in {retry_after} s",
+                             headers={"Retry-After": str(retry_after)})
+    return name
+
+
+def _authenticated(request: Request, settings: Settings) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() == "bearer" and key:
         digest = hash_key(key.strip())
-        for known, name in svc.settings.api_keys.items():
+        for known, name in settings.api_keys.items():
             if hmac.compare_digest(known, digest):
                 return name
         raise ApiProblem(401, "unauthorized", "unknown API key", headers={"WWW-Authenticate": "Bearer"})
-    if svc.settings.allow_anonymous:
+    if settings.allow_anonymous:
         return "default"
     raise ApiProblem(401, "unauthorized", "send Authorization: Bearer <key>", headers={"WWW-Authenticate": "Bearer"})
 

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     lease_s: int = 60
     max_attempts: int = 3
     max_body_bytes: int = 1024 * 1024
+    rate_limit_per_minute: int | None = Field(default=None, ge=1, description="Requests one tenant may make "
+                                              "per minute across all API replicas; more get 429. Unset: no limit.")
     webhook_allow_private: bool = Field(default=False, description="Let webhooks call private, loopback "
                                         "and link-local addresses (the embedded service does).")
     max_active_jobs: int = Field(default=1000, ge=1, description="Jobs one tenant may have queued or running; "

@@ -5,12 +5,14 @@ Keys (prefix `mf:`): `job:{id}` JSON record; `jobs:{tenant}` sorted set of ids (
 `events:{id}` a stream (its entry ids are the event cursors and SSE ids); `idem:{tenant}:{key}` idempotency;
 `lease:{id}` the running worker's lease; `running` sorted set of lease deadlines, for the reaper;
 `active:{tenant}` the ids of the tenant's jobs that have not ended; `ckpt:{id}` and `ckpts:{tenant}` registered
-checkpoints; `worker:{name}` heartbeats and `workers` their expiry times; `stats:status` counts.
+checkpoints; `worker:{name}` heartbeats and `workers` their expiry times; `rate:{tenant}:{minute}` request
+counts; `stats:status` counts.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import time
@@ -336,6 +338,18 @@ class JobStore:
         """Live workers consuming each queue: a queue with jobs and none of these never drains."""
         consumers = [set(w.get("queues", [])) for w in self.live_workers()]
         return {q: sum(q in c for c in consumers) for q in queues}
+
+    def count_request(self, tenant: str) -> tuple[int, int]:
+        """Count a request in the tenant's current minute (shared by every API replica): the count so far and the
+        seconds until the next minute starts."""
+        now_s = time.time()
+        minute = int(now_s // 60)
+        key = f"mf:rate:{tenant}:{minute}"
+        with self.r.pipeline() as pipe:
+            pipe.incr(key)
+            pipe.expire(key, 120)
+            count = pipe.execute()[0]
+        return int(count), max(1, math.ceil((minute + 1) * 60 - now_s))
 
     def ping(self) -> bool:
         with suppress(Exception):

@@ -16,7 +16,7 @@ from app.core.jobstore import CHECKPOINT_ID, CheckpointRecord, new_id, now
 from app.core.storage import StorageError, TransientStorageError
 from workers.engine.errors import EngineError
 
-router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], responses=responses(401, 422))
+router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], responses=responses(401, 422, 429))
 
 
 def _out(record: CheckpointRecord, with_tensors: bool) -> CheckpointOut:

@@ -36,7 +36,7 @@ from workers.celery_app import MERGE_TASK, WEBHOOK_TASK
 from workers.engine.errors import EngineError
 from workers.engine.layout import plan_layout
 
-router = APIRouter(prefix="/v1/merges", tags=["merges"], responses=responses(401, 422))
+router = APIRouter(prefix="/v1/merges", tags=["merges"], responses=responses(401, 422, 429))
 CURSOR = r"^[0-9]{1,20}-[0-9]{1,20}$"
 
 
@@ -114,7 +114,7 @@ def _check_registered(store: JobStore, tenant: str, body: MergeRequest) -> None:
 
 @router.post("", status_code=202, response_model=JobOut, summary="Submit a merge job",
              responses={202: {"headers": {"Location": {"schema": {"type": "string"}}}},
-                        **responses(400, 413, 429, 503)})
+                        **responses(400, 413, 503)})
 def create_merge(body: MergeRequest, svc: ServicesDep, tenant: TenantDep, response: Response,
                  idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobOut:
     settings, store = svc.settings, svc.store

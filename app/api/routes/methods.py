@@ -9,7 +9,7 @@ from app.api.models import MethodOut
 from app.api.problems import responses
 from workers.engine.methods import all_methods
 
-router = APIRouter(prefix="/v1/methods", tags=["methods"], responses=responses(401))
+router = APIRouter(prefix="/v1/methods", tags=["methods"], responses=responses(401, 429))
 
 
 @router.get("", response_model=list[MethodOut], summary="List merge methods")
