@@ -9,6 +9,7 @@ redirect it; redirects are not followed."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import ipaddress
 import socket
@@ -23,12 +24,13 @@ class WebhookRefused(Exception):
 
 
 def resolve(url: str, allow_private: bool) -> str:
-    """The address to deliver `url` to: its host's first address, once every address it has is allowed."""
+    """The address to deliver `url` to: its host's first address, once every address it has is allowed. A name
+    that does not resolve raises OSError (DNS may be down for a moment: a delivery retries it)."""
     host = urlsplit(url).hostname or ""
     try:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise WebhookRefused(f"cannot resolve {host!r} ({exc})") from None
+    except UnicodeError as exc:
+        raise WebhookRefused(f"{host!r} is not a valid host name ({exc})") from None
     addresses = [info[4][0] for info in infos]
     if not allow_private:
         for address in addresses:
@@ -40,11 +42,8 @@ def resolve(url: str, allow_private: bool) -> str:
 
 def check_target(url: str, allow_private: bool) -> None:
     """At submit: refuse what resolves to a forbidden address now; a host that does not resolve yet may later."""
-    try:
+    with contextlib.suppress(OSError):
         resolve(url, allow_private)
-    except WebhookRefused as exc:
-        if "cannot resolve" not in str(exc):
-            raise
 
 
 def post(url: str, body: bytes, headers: dict[str, str], allow_private: bool) -> int:
